@@ -1,0 +1,341 @@
+"""Streaming translation between OpenAI chat chunks and Anthropic Messages events.
+
+Each mapper is a small state machine fed one parsed upstream SSE event at a time; it returns
+the bytes to write to the client (zero or more complete SSE frames) and keeps the usage and
+the generated text fragments the gateway needs to settle the request, including a stream cut
+midway. The `*_chunks` / `*_events` methods return the same output as dicts so mappers can be
+composed without re-parsing. No I/O, no buffering of the whole response: text is never joined
+here (the gateway estimates tokens from `text_parts` only when usage never came).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from accounting.records import Usage
+from relay.translate.chat_anthropic import ANTHROPIC_STOP_TO_FINISH, FINISH_TO_ANTHROPIC_STOP
+from relay.translate.common import JSON, OPENAI_DONE, named_frame, new_id, openai_frame
+from relay.translate.errors import (
+    anthropic_error_object_to_openai,
+    openai_error_object_to_anthropic,
+)
+
+
+def _openai_usage(usage: Usage) -> JSON:
+    prompt = usage.input + usage.cache_read + usage.cache_write
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage.output,
+        "total_tokens": prompt + usage.output,
+        "prompt_tokens_details": {"cached_tokens": usage.cache_read},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning},
+    }
+
+
+class AnthropicToOpenAIChatStream:
+    """Anthropic Messages stream events in, OpenAI chat.completion.chunk frames out.
+
+    `usage` follows the Anthropic counts (input excludes cache reads and writes);
+    `final_usage` turns true once `message_delta` brought the final output count.
+    `text_parts` holds every generated fragment: text, thinking and tool arguments.
+    """
+
+    __slots__ = (
+        "_created",
+        "_finish_reason",
+        "_id",
+        "_include_usage",
+        "_model",
+        "_tools",
+        "_usage_sent",
+        "final_usage",
+        "text_parts",
+        "usage",
+    )
+
+    def __init__(self, model: str, include_usage: bool, *, created: int | None = None) -> None:
+        self._model = model
+        self._include_usage = include_usage
+        self._created = int(time.time()) if created is None else created
+        self._id = new_id("chatcmpl-")
+        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self._finish_reason: str | None = None
+        self._usage_sent = False
+        self.usage = Usage()
+        self.final_usage = False
+        self.text_parts: list[str] = []
+
+    def _chunk(self, delta: JSON, finish_reason: str | None = None) -> JSON:
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+
+    def _usage_chunk(self) -> JSON:
+        self._usage_sent = True
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [],
+            "usage": _openai_usage(self.usage),
+        }
+
+    def _take_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        u = self.usage
+        if usage.get("input_tokens") is not None:
+            u.input = usage["input_tokens"]
+        if usage.get("cache_read_input_tokens") is not None:
+            u.cache_read = usage["cache_read_input_tokens"]
+        if usage.get("cache_creation_input_tokens") is not None:
+            u.cache_write = usage["cache_creation_input_tokens"]
+        if usage.get("output_tokens") is not None:
+            u.output = usage["output_tokens"]
+        details = usage.get("output_tokens_details")
+        if isinstance(details, dict) and details.get("thinking_tokens") is not None:
+            u.reasoning = details["thinking_tokens"]
+
+    def feed(self, event: str, data: bytes) -> bytes:
+        """One Anthropic SSE event (its `event:` name and `data:` payload) -> client bytes."""
+        return b"".join([openai_frame(c) for c in self.feed_chunks(event, data)])
+
+    def feed_chunks(self, event: str, data: bytes) -> list[JSON]:
+        obj = orjson.loads(data)
+        kind = event or obj.get("type", "")
+        if kind == "content_block_delta":
+            delta = obj.get("delta") or {}
+            dkind = delta.get("type")
+            if dkind == "text_delta":
+                text = delta.get("text", "")
+                self.text_parts.append(text)
+                return [self._chunk({"content": text})]
+            if dkind == "input_json_delta":
+                partial = delta.get("partial_json", "")
+                tool = self._tools.get(obj.get("index", -1))
+                if not partial or tool is None:
+                    return []
+                self.text_parts.append(partial)
+                return [self._chunk({"tool_calls": [{"index": tool, "function": {"arguments": partial}}]})]
+            if dkind == "thinking_delta":
+                thinking = delta.get("thinking", "")
+                self.text_parts.append(thinking)
+                return [self._chunk({"reasoning_content": thinking})]
+            return []  # signature_delta, citations_delta: nothing an OpenAI client can use
+        if kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            btype = block.get("type")
+            if btype == "tool_use":
+                tool = len(self._tools)
+                self._tools[obj.get("index", tool)] = tool
+                name = block.get("name", "")
+                self.text_parts.append(name)
+                call = {"index": tool, "id": block.get("id"), "type": "function",
+                        "function": {"name": name, "arguments": ""}}
+                return [self._chunk({"tool_calls": [call]})]
+            if btype == "text" and block.get("text"):
+                self.text_parts.append(block["text"])
+                return [self._chunk({"content": block["text"]})]
+            return []
+        if kind == "message_start":
+            message = obj.get("message") or {}
+            if message.get("id"):
+                self._id = message["id"]
+            self._take_usage(message.get("usage"))
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "message_delta":
+            self._take_usage(obj.get("usage"))
+            self.final_usage = True
+            stop = (obj.get("delta") or {}).get("stop_reason")
+            self._finish_reason = ANTHROPIC_STOP_TO_FINISH.get(stop or "", "stop")
+            return [self._chunk({}, self._finish_reason)]
+        if kind == "message_stop":
+            if self._include_usage and not self._usage_sent:
+                return [self._usage_chunk()]
+            return []
+        if kind == "error":
+            err = obj.get("error") or {}
+            return [anthropic_error_object_to_openai(500, err)]
+        return []  # ping, content_block_stop
+
+    def finish_chunks(self) -> list[JSON]:
+        """Chunks still owed at end of stream (the usage chunk when message_stop never came)."""
+        if self._include_usage and self.final_usage and not self._usage_sent:
+            return [self._usage_chunk()]
+        return []
+
+    def finish(self) -> bytes:
+        """Bytes to send when the upstream stream ended: owed chunks, then `data: [DONE]`."""
+        return b"".join([openai_frame(c) for c in self.finish_chunks()]) + OPENAI_DONE
+
+
+class OpenAIChatToAnthropicStream:
+    """OpenAI chat.completion.chunk payloads in, Anthropic Messages events out.
+
+    Content blocks open and close as the chunk stream switches between reasoning, text and
+    tool calls. OpenAI reports usage only at the end, so `message_start` carries zeros and the
+    real counts travel in `message_delta` (which Anthropic clients read). `usage` excludes
+    cached tokens from `input`, as accounting expects.
+    """
+
+    __slots__ = (
+        "_block",
+        "_blocks",
+        "_done",
+        "_id",
+        "_model",
+        "_started",
+        "_stop_reason",
+        "_tools",
+        "final_usage",
+        "text_parts",
+        "usage",
+    )
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._id = new_id("msg_")
+        self._started = False
+        self._done = False
+        self._block: str | int | None = None  # "text" | "thinking" | OpenAI tool index | None
+        self._blocks = 0  # Anthropic content block index of the next block
+        self._tools: dict[int, int] = {}  # OpenAI tool index -> Anthropic block index
+        self._stop_reason: str | None = None
+        self.usage = Usage()
+        self.final_usage = False
+        self.text_parts: list[str] = []
+
+    def _start(self, out: list[JSON]) -> None:
+        self._started = True
+        out.append(
+            {
+                "type": "message_start",
+                "message": {
+                    "id": self._id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": self._model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 0, "output_tokens": 0},
+                },
+            }
+        )
+
+    def _close_block(self, out: list[JSON]) -> None:
+        if self._block is not None:
+            out.append({"type": "content_block_stop", "index": self._blocks - 1})
+            self._block = None
+
+    def _open_block(self, out: list[JSON], kind: str | int, block: JSON) -> int:
+        self._close_block(out)
+        index = self._blocks
+        self._blocks += 1
+        self._block = kind
+        out.append({"type": "content_block_start", "index": index, "content_block": block})
+        return index
+
+    def _take_usage(self, usage: JSON) -> None:
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        self.usage.input = max((usage.get("prompt_tokens") or 0) - cached, 0)
+        self.usage.cache_read = cached
+        self.usage.output = usage.get("completion_tokens") or 0
+        self.usage.reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+        self.final_usage = True
+
+    def _delta(self, out: list[JSON], delta: JSON) -> None:
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            if self._block != "thinking":
+                self._open_block(out, "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.text_parts.append(reasoning)
+            out.append({"type": "content_block_delta", "index": self._blocks - 1,
+                        "delta": {"type": "thinking_delta", "thinking": reasoning}})
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            if self._block != "text":
+                self._open_block(out, "text", {"type": "text", "text": ""})
+            self.text_parts.append(text)
+            out.append({"type": "content_block_delta", "index": self._blocks - 1,
+                        "delta": {"type": "text_delta", "text": text}})
+        for call in delta.get("tool_calls") or ():
+            tool = call.get("index", 0)
+            fn = call.get("function") or {}
+            index = self._tools.get(tool)
+            if index is None:
+                name = fn.get("name") or ""
+                self.text_parts.append(name)
+                block: JSON = {"type": "tool_use", "id": call.get("id") or new_id("toolu_"),
+                         "name": name, "input": {}}
+                index = self._tools[tool] = self._open_block(out, tool, block)
+            args = fn.get("arguments")
+            if args:
+                self.text_parts.append(args)
+                out.append({"type": "content_block_delta", "index": index,
+                            "delta": {"type": "input_json_delta", "partial_json": args}})
+
+    def feed(self, data: bytes) -> bytes:
+        """One OpenAI SSE `data:` payload (a chunk or `[DONE]`) -> client bytes."""
+        return b"".join([named_frame(e) for e in self.feed_events(data)])
+
+    def feed_events(self, data: bytes) -> list[JSON]:
+        if self._done:
+            return []
+        if data.strip() == b"[DONE]":
+            return self.finish_events()
+        chunk = orjson.loads(data)
+        out: list[JSON] = []
+        if isinstance(chunk.get("error"), dict):
+            self._done = True
+            return [openai_error_object_to_anthropic(500, chunk["error"])]
+        if not self._started:
+            if chunk.get("id"):
+                self._id = chunk["id"]
+            self._start(out)
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            self._delta(out, choice.get("delta") or {})
+            if choice.get("finish_reason"):
+                self._stop_reason = FINISH_TO_ANTHROPIC_STOP.get(choice["finish_reason"], "end_turn")
+        if isinstance(chunk.get("usage"), dict):
+            self._take_usage(chunk["usage"])
+        return out
+
+    def finish_events(self) -> list[JSON]:
+        """Events closing the message: open block, message_delta (stop, usage), message_stop."""
+        if self._done:
+            return []
+        self._done = True
+        out: list[JSON] = []
+        if not self._started:
+            self._start(out)
+        self._close_block(out)
+        u = self.usage
+        out.append(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": self._stop_reason or "end_turn", "stop_sequence": None},
+                "usage": {
+                    "input_tokens": u.input,
+                    "output_tokens": u.output,
+                    "cache_creation_input_tokens": u.cache_write,
+                    "cache_read_input_tokens": u.cache_read,
+                },
+            }
+        )
+        out.append({"type": "message_stop"})
+        return out
+
+    def finish(self) -> bytes:
+        """Bytes still owed when the upstream stream ended (nothing if `[DONE]` was fed)."""
+        return b"".join([named_frame(e) for e in self.finish_events()])
