@@ -1,0 +1,345 @@
+"""Prices and their versions, and the one cost function every request is settled with.
+
+A price is nano-USD per 1M tokens for each of the four token classes. Every change
+is a new, immutable version in Postgres (table `prices`, migration 003); a request is
+priced with the version current when it was admitted, so `PriceBook` keeps every
+version it has seen in memory and `by_version` can explain any old request.
+
+The hot path touches only `PriceBook.lookup` and `cost`, both synchronous and free
+of I/O. The async functions here are for start-up, the admin surface and the
+once-a-second poller; none of them is called per request. This module never
+rounds except once, in `cost` (half up) or `estimate_max_cost` (up).
+
+Cache prices: when config gives no `cache_read` or `cache_write`, each defaults to
+the input price, so an unknown cache discount is never a free lunch and cached
+tokens are never billed above uncached ones by a missing setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from fractions import Fraction
+from typing import Any, Protocol
+
+import asyncpg
+
+from accounting.money import (
+    MAX_NANO,
+    check_nano,
+    format_fraction,
+    format_usd,
+    parse_usd,
+)
+from accounting.records import Usage
+
+TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
+DEFAULT_MODEL = "default"
+_ONE = Fraction(1)
+
+
+class UnknownPrice(LookupError):
+    """No price for a model and no "default" price to fall back on."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"no price for model {model!r} and no \"default\" price: add "
+            f"[prices.\"{model}\"] or [prices.default] to config.toml, or set one with the admin API"
+        )
+        self.model = model
+
+
+class Price(Protocol):
+    """USD per 1M tokens as decimal strings; `relay.config.Price` has this shape.
+
+    Described structurally because accounting never imports relay. Empty cache prices
+    mean "same as input".
+    """
+
+    @property
+    def input(self) -> str: ...
+    @property
+    def output(self) -> str: ...
+    @property
+    def cache_read(self) -> str: ...
+    @property
+    def cache_write(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRow:
+    """One price version: nano-USD per 1M tokens per token class."""
+
+    version: int  # prices.id; 0 for a row not yet stored
+    model: str
+    input: int
+    output: int
+    cache_read: int
+    cache_write: int
+
+    def __post_init__(self) -> None:
+        for name in ("version", "input", "output", "cache_read", "cache_write"):
+            v = check_nano(getattr(self, name), f"price {self.model}.{name}")
+            if v < 0:
+                raise ValueError(f"price {self.model}.{name}: must be >= 0, got {v}")
+
+    def same_price(self, other: PriceRow) -> bool:
+        return (self.input, self.output, self.cache_read, self.cache_write) == (
+            other.input, other.output, other.cache_read, other.cache_write,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PriceVersion:
+    """A stored version with its audit fields, as `history` returns them."""
+
+    row: PriceRow
+    created_at: datetime
+    created_by: str
+
+
+def row_from_price(model: str, price: Price, version: int = 0) -> PriceRow:
+    """Exact PriceRow from config strings; empty cache prices default to the input price."""
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"price model: expected a non-empty name, got {model!r}")
+    path = f"prices.{model}"
+    inp = parse_usd(price.input, what=f"{path}.input")
+    out = parse_usd(price.output, what=f"{path}.output")
+    cr = parse_usd(price.cache_read, what=f"{path}.cache_read") if price.cache_read != "" else inp
+    cw = parse_usd(price.cache_write, what=f"{path}.cache_write") if price.cache_write != "" else inp
+    return PriceRow(version, model, inp, out, cr, cw)
+
+
+# --- the in-memory book (hot path) -------------------------------------------------
+
+
+class PriceBook:
+    """Current price per model plus every version seen; synchronous, no I/O.
+
+    Fed by `apply(rows)` from `load_since`; a worker polls about once a second.
+    """
+
+    __slots__ = ("_current", "_versions", "last_version")
+
+    def __init__(self, rows: Iterable[PriceRow] = ()) -> None:
+        self._current: dict[str, PriceRow] = {}
+        self._versions: dict[int, PriceRow] = {}
+        self.last_version = 0  # highest version applied: pass it to load_since
+        self.apply(rows)
+
+    def apply(self, rows: Iterable[PriceRow]) -> None:
+        """Add versions; for each model the highest version becomes current."""
+        for row in rows:
+            self._versions[row.version] = row
+            cur = self._current.get(row.model)
+            if cur is None or row.version > cur.version:
+                self._current[row.model] = row
+            if row.version > self.last_version:
+                self.last_version = row.version
+
+    def lookup(self, model: str) -> PriceRow:
+        """The current price for `model`, else the current "default" price, else UnknownPrice."""
+        row = self._current.get(model)
+        if row is None:
+            row = self._current.get(DEFAULT_MODEL)
+            if row is None:
+                raise UnknownPrice(model)
+        return row
+
+    def by_version(self, version: int) -> PriceRow | None:
+        """A version seen by this book (current or superseded), or None."""
+        return self._versions.get(version)
+
+    def models(self) -> list[str]:
+        return sorted(self._current)
+
+
+# --- cost ---------------------------------------------------------------------------
+
+
+def _weighted(usage: Usage, price: PriceRow) -> int:
+    """Sum over classes of tokens * nano-per-1M: the cost in nano-USD times 1_000_000."""
+    total = (
+        usage.input * price.input
+        + usage.output * price.output
+        + usage.cache_read * price.cache_read
+        + usage.cache_write * price.cache_write
+    )
+    if type(total) is not int:
+        raise TypeError(f"token counts must be ints, got {usage!r}")
+    return total
+
+
+def cost(usage: Usage, price: PriceRow, multiplier: Fraction) -> tuple[int, Fraction]:
+    """(cost in nano-USD rounded once half up, the exact cost as a Fraction of nano-USD).
+
+    exact = sum(tokens * price_per_1M) / 1_000_000 * multiplier. The rounding runs on
+    integers; one Fraction is built for the exact value (the common case, multiplier 1
+    and a whole number of nano-USD, builds it from an int, the cheapest form).
+    """
+    if type(multiplier) is not Fraction:
+        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    weighted = _weighted(usage, price)
+    if multiplier == 1:
+        q, r = divmod(weighted, TOKENS_PER_PRICE_UNIT)
+        if not r:
+            if q > MAX_NANO:
+                check_nano(q, "cost")
+            return q, Fraction(q)
+        num, den = weighted, TOKENS_PER_PRICE_UNIT
+    else:
+        num = weighted * multiplier.numerator
+        den = TOKENS_PER_PRICE_UNIT * multiplier.denominator
+    nano = (2 * num + den) // (2 * den)
+    if nano > MAX_NANO:
+        check_nano(nano, "cost")
+    return nano, Fraction(num, den)
+
+
+def estimate_max_cost(input_tokens: int, max_output: int, price: PriceRow, multiplier: Fraction) -> int:
+    """A reservation: the most `input_tokens` in and `max_output` out can cost, rounded up.
+
+    Input is priced at the dearest input class (uncached, cache read or cache write), so
+    the estimate is an upper bound whatever the upstream's cache does.
+    """
+    if type(multiplier) is not Fraction:
+        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    if type(input_tokens) is not int or type(max_output) is not int:
+        raise TypeError("token counts must be ints")
+    in_price = max(price.input, price.cache_read, price.cache_write)
+    weighted = input_tokens * in_price + max_output * price.output
+    num = weighted * multiplier.numerator
+    den = TOKENS_PER_PRICE_UNIT * multiplier.denominator
+    return check_nano(-((-num) // den), "reservation")
+
+
+def _exact_usd(nano: Fraction) -> str:
+    """Exact USD text of a nano-USD Fraction: a decimal when it terminates, else "a/b"."""
+    return format_fraction(nano / 1_000_000_000)
+
+
+def explain(usage: Usage, price: PriceRow, multiplier: Fraction) -> dict[str, Any]:
+    """The bill for one request, class by class, exact; JSON-ready (ints and strings)."""
+    cost_nano, exact = cost(usage, price, multiplier)
+    classes = []
+    subtotal = Fraction(0)
+    for name in ("input", "output", "cache_read", "cache_write"):
+        tokens = getattr(usage, name)
+        unit = getattr(price, name)
+        sub = Fraction(tokens * unit, TOKENS_PER_PRICE_UNIT)
+        subtotal += sub
+        classes.append(
+            {
+                "class": name,
+                "tokens": tokens,
+                "usd_per_million": format_usd(unit),
+                "subtotal_usd": _exact_usd(sub),
+            }
+        )
+    return {
+        "model": price.model,
+        "price_version": price.version,
+        "classes": classes,
+        "reasoning_tokens": usage.reasoning,  # already inside output, listed for reference
+        "subtotal_usd": _exact_usd(subtotal),
+        "multiplier": format_fraction(multiplier),
+        "exact_total_usd": _exact_usd(exact),
+        "exact_total_nano": str(exact),
+        "cost_nano": cost_nano,
+        "cost_usd": format_usd(cost_nano),
+        "rounding": "once, half up",
+    }
+
+
+# --- storage (start-up, admin, poller; never per request) ----------------------------
+
+_COLUMNS = "id, model, input, output, cache_read, cache_write"
+
+
+def _row(r: asyncpg.Record) -> PriceRow:
+    return PriceRow(r["id"], r["model"], r["input"], r["output"], r["cache_read"], r["cache_write"])
+
+
+async def load_since(conn: asyncpg.Connection, since_id: int) -> list[PriceRow]:
+    """Every version with id > since_id, oldest first (0: all of them).
+
+    Writers are serialised by a trigger (see 003_prices.sql), so ids become visible
+    in order and polling with the highest id seen never skips a version.
+    """
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM prices WHERE id > $1 ORDER BY id", since_id
+    )
+    return [_row(r) for r in rows]
+
+
+async def load_version(conn: asyncpg.Connection, version: int) -> PriceRow | None:
+    r = await conn.fetchrow(f"SELECT {_COLUMNS} FROM prices WHERE id = $1", version)
+    return _row(r) if r is not None else None
+
+
+async def _current(conn: asyncpg.Connection, models: Sequence[str]) -> dict[str, PriceRow]:
+    rows = await conn.fetch(
+        f"SELECT DISTINCT ON (model) {_COLUMNS} FROM prices"
+        " WHERE model = ANY($1::text[]) ORDER BY model, id DESC",
+        list(models),
+    )
+    return {r["model"]: _row(r) for r in rows}
+
+
+async def _insert(conn: asyncpg.Connection, row: PriceRow, created_by: str) -> PriceRow:
+    r = await conn.fetchrow(
+        "INSERT INTO prices (model, input, output, cache_read, cache_write, created_by)"
+        f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}",
+        row.model, row.input, row.output, row.cache_read, row.cache_write, created_by,
+    )
+    assert r is not None
+    return _row(r)
+
+
+async def sync_config_prices(
+    conn: asyncpg.Connection, prices: Sequence[tuple[str, Price]], created_by: str = "config"
+) -> int:
+    """At start: store a new version for each config price that differs from the current one.
+
+    Returns how many versions were created (0 when config matches the database). Every
+    price is parsed before anything is written, so one bad value changes nothing.
+    """
+    wanted = [row_from_price(model, price) for model, price in prices]
+    if not wanted:
+        return 0
+    created = 0
+    async with conn.transaction():
+        # The advisory lock (taken here as well as by the insert trigger) makes two
+        # workers starting together compare against each other's insert, not race it.
+        await conn.execute("SELECT pg_advisory_xact_lock(1886546275)")
+        current = await _current(conn, [w.model for w in wanted])
+        for row in wanted:
+            cur = current.get(row.model)
+            if cur is None or not cur.same_price(row):
+                current[row.model] = await _insert(conn, row, created_by)
+                created += 1
+    return created
+
+
+async def set_price(conn: asyncpg.Connection, model: str, price: Price, created_by: str) -> PriceRow:
+    """Make `price` current for `model`; returns the current version afterwards.
+
+    A price equal to the current one creates no version and returns the current row.
+    """
+    row = row_from_price(model, price)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(1886546275)")
+        cur = (await _current(conn, [model])).get(model)
+        if cur is not None and cur.same_price(row):
+            return cur
+        return await _insert(conn, row, created_by)
+
+
+async def history(conn: asyncpg.Connection, model: str) -> list[PriceVersion]:
+    """Every version of `model`, newest first, with who set it and when."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS}, created_at, created_by FROM prices WHERE model = $1 ORDER BY id DESC",
+        model,
+    )
+    return [PriceVersion(_row(r), r["created_at"], r["created_by"]) for r in rows]
