@@ -1,0 +1,651 @@
+"""Admission: decide, synchronously and without I/O, whether one request may start.
+
+`Limiter.admit` runs on every request. It checks, in order: key enabled, user enabled,
+key expiry, plan expiry, model scope, IP allowlist, distinct-IP (device) cap per user,
+concurrency, RPM and TPM (per key and per user), then reserves the request's estimated
+cost against the key cap and the user balance. It answers with a `Lease` (the caller
+must `release` it exactly once, on every path) or a `Denial` that relay renders. It never
+awaits, never touches Postgres and never raises for a limit.
+
+Budgets. For a user: available = db_balance - unflushed - reserved; for a key:
+cap - db_spent - unflushed - reserved. `db_*` is the last Postgres snapshot
+(`apply_user_snapshot`, `apply_key_snapshot`), `unflushed` is settled here but not yet
+committed (`on_flushed` moves it into the snapshot's domain), `reserved` is in flight.
+A release replaces the reservation by the actual cost, so spend exceeds a cap or balance
+only by what in-flight requests exceed their reservations (never, when the reservation
+covers max_tokens).
+
+Rates. RPM is a token bucket (capacity rpm, refill rpm/60 per second, one token per
+request). TPM charges SETTLED tokens: a release subtracts its tokens from the bucket,
+which may go negative; admission denies only while the bucket is empty or below zero.
+
+Without `redis_url` everything above is exact and in-process; several workers then each
+hold the full limits, so `check_workers` refuses that setup. With `redis_url` the same
+code runs on capacity leased in blocks from Redis (see `limits.shared` for the scheme,
+its over-admission bound and its safe mode). `admit` then returns None when a scope has
+no leased capacity yet: the caller awaits `limiter.refill(key)` and admits again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from limits.keys import KeyState
+
+if TYPE_CHECKING:
+    from limits.shared import Shared
+    from relay.config import LimitsConfig  # config is a plain value object; no runtime import
+
+Headers = tuple[tuple[bytes, bytes], ...]
+# A loader returns (user balance, key spent) in nano-USD from the system of record.
+Loader = Callable[[int, int], Awaitable[tuple[int, int]]]
+
+_INF = math.inf
+_CONC_RETRY_S = 1.0  # no natural clock for a slot to free; a short, honest hint
+
+
+def check_workers(cfg: LimitsConfig, workers: int) -> str | None:
+    """The error message that must stop the gateway, or None when the setup is sound."""
+    if workers > 1 and not cfg.redis_url:
+        return (
+            f"server.workers = {workers} needs limits.redis_url: without shared limit state "
+            "every worker would enforce the full limits and balances on its own"
+        )
+    return None
+
+
+# --- decisions ------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> bytes:
+    """OpenAI's reset format: "20ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return b"%dms" % max(0, round(seconds * 1000))
+    if seconds < 60:
+        return (b"%.3f" % seconds).rstrip(b"0").rstrip(b".") + b"s"
+    m, s = divmod(int(seconds + 0.5), 60)
+    return b"%dm%ds" % (m, s)
+
+
+def _parse_duration(v: bytes) -> float:
+    if v.endswith(b"ms"):
+        return float(v[:-2]) / 1000
+    m, _, s = v.partition(b"m")
+    if not _:
+        return float(v.rstrip(b"s"))
+    return int(m) * 60 + float(s.rstrip(b"s") or 0)
+
+
+def _rate_headers(
+    lim_r: int, rem_r: int, reset_r: float, lim_t: int, rem_t: int, reset_t: float
+) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    if lim_r:
+        out += [
+            (b"x-ratelimit-limit-requests", b"%d" % lim_r),
+            (b"x-ratelimit-remaining-requests", b"%d" % rem_r),
+            (b"x-ratelimit-reset-requests", _duration(reset_r)),
+        ]
+    if lim_t:
+        out += [
+            (b"x-ratelimit-limit-tokens", b"%d" % lim_t),
+            (b"x-ratelimit-remaining-tokens", b"%d" % rem_t),
+            (b"x-ratelimit-reset-tokens", _duration(reset_t)),
+        ]
+    return out
+
+
+_ANTHROPIC_NAMES = {
+    b"x-ratelimit-limit-requests": b"anthropic-ratelimit-requests-limit",
+    b"x-ratelimit-remaining-requests": b"anthropic-ratelimit-requests-remaining",
+    b"x-ratelimit-reset-requests": b"anthropic-ratelimit-requests-reset",
+    b"x-ratelimit-limit-tokens": b"anthropic-ratelimit-tokens-limit",
+    b"x-ratelimit-remaining-tokens": b"anthropic-ratelimit-tokens-remaining",
+    b"x-ratelimit-reset-tokens": b"anthropic-ratelimit-tokens-reset",
+}
+
+
+def anthropic_headers(headers: Headers, wall_now: float | None = None) -> Headers:
+    """The same rate-limit headers in Anthropic naming; resets become RFC 3339 instants."""
+    now = time.time() if wall_now is None else wall_now
+    out = []
+    for name, value in headers:
+        new = _ANTHROPIC_NAMES.get(name)
+        if new is None:
+            out.append((name, value))  # retry-after and friends are shared by both
+        elif new.endswith(b"-reset"):
+            at = datetime.fromtimestamp(now + _parse_duration(value), UTC)
+            out.append((new, at.strftime("%Y-%m-%dT%H:%M:%SZ").encode()))
+        else:
+            out.append((new, value))
+    return tuple(out)
+
+
+class Denial:
+    """A refusal that relay renders in the route's protocol (status, code, message)."""
+
+    __slots__ = ("code", "headers", "message", "reason", "retry_after", "status")
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float = 0.0,
+        headers: Headers = (),
+        reason: str = "",
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.headers = headers
+        self.reason = reason or code  # metrics label, e.g. "rpm", "key_disabled"
+
+    def __repr__(self) -> str:
+        return f"Denial({self.status}, {self.code!r}, {self.message!r}, {self.retry_after:.3f})"
+
+
+def _rate_denial(
+    reason: str, message: str, retry: float, rate: tuple[int, int, float, int, int, float]
+) -> Denial:
+    hs = _rate_headers(*rate)
+    hs.append((b"retry-after", b"%d" % max(1, math.ceil(retry))))
+    return Denial(429, "rate_limit_exceeded", message, retry, tuple(hs), reason)
+
+
+# --- per-scope state ---------------------------------------------------------------------
+
+
+class Scope:
+    """Counters of one key or one user. Mutated only on the event loop, never awaited over."""
+
+    __slots__ = (
+        "conc_empty_until",
+        "conc_held",
+        "db",
+        "debt",
+        "flushed",
+        "held",
+        "id",
+        "inflight",
+        "ips",
+        "kind",
+        "last_reserve",
+        "lc",
+        "limit",
+        "lr",
+        "lt",
+        "money",
+        "money_empty_until",
+        "owner",
+        "quota_v",
+        "reserved",
+        "rleft",
+        "rpm_empty_until",
+        "rt",
+        "rts",
+        "tcap",
+        "touched",
+        "tt",
+        "tts",
+        "unflushed",
+    )
+
+    def __init__(self, kind: str, id: int, now: float) -> None:
+        self.kind = kind  # "k" or "u"
+        self.id = id
+        self.inflight = 0
+        self.rt = _INF  # RPM tokens (a full bucket until the limit is known)
+        self.rts = now
+        self.tt = _INF  # TPM level
+        self.tcap = 0.0  # TPM bucket capacity at the last admission (0: no TPM limit)
+        self.tts = now
+        self.db: int | None = None  # user: balance; key: -spent (None: no snapshot yet)
+        self.limit = 0  # key: cap (0 for users) so that available = limit + db - ...
+        self.unflushed = 0
+        self.reserved = 0
+        self.ips: dict[str, float] = {}
+        self.touched = now
+        # shared mode only (limits.shared)
+        self.conc_held = 0  # concurrency slots leased from Redis
+        self.held = 0  # money leased from Redis and not yet spent
+        self.debt = 0  # settled tokens not yet debited in Redis
+        self.flushed: list[tuple[float, int]] = []  # (commit wall time, amount) not yet in a snapshot
+        self.quota_v = 0.0
+        self.last_reserve = 0
+        self.rleft = -1  # last seen global RPM bucket level (-1: unknown)
+        self.lc = self.lr = self.lt = 0  # limits as last seen, for the background sync
+        self.money = False  # budget leased for this scope
+        self.owner = 0  # a key scope's user id
+        self.conc_empty_until = 0.0
+        self.rpm_empty_until = 0.0
+        self.money_empty_until = 0.0
+
+
+class Lease:
+    """An admitted request's claim on concurrency and quota. Release exactly once."""
+
+    __slots__ = (
+        "_k",
+        "_limiter",
+        "_u",
+        "lim_r",
+        "lim_t",
+        "rem_r",
+        "rem_t",
+        "reserve",
+        "reset_r",
+        "reset_t",
+    )
+
+    def __init__(
+        self, limiter: Limiter, k: Scope, u: Scope, reserve: int,
+        rate: tuple[int, int, float, int, int, float],
+    ) -> None:
+        self._limiter: Limiter | None = limiter
+        self._k = k
+        self._u = u
+        self.reserve = reserve
+        self.lim_r, self.rem_r, self.reset_r, self.lim_t, self.rem_t, self.reset_t = rate
+
+    @property
+    def released(self) -> bool:
+        return self._limiter is None
+
+    @property
+    def headers(self) -> Headers:
+        """Rate-limit headers (OpenAI naming) to attach to the successful response."""
+        return tuple(
+            _rate_headers(self.lim_r, self.rem_r, self.reset_r, self.lim_t, self.rem_t, self.reset_t)
+        )
+
+    def release(self, cost_nano: int, tokens: int) -> None:
+        """Free the slot, replace the reservation by the actual cost, charge tokens to TPM.
+
+        Idempotent: only the first call counts, so relay may call it on every path.
+        """
+        limiter = self._limiter
+        if limiter is None:
+            return
+        self._limiter = None
+        limiter._release(self._k, self._u, self.reserve, cost_nano, tokens)
+
+
+# --- the limiter -------------------------------------------------------------------------
+
+
+class Limiter:
+    """Admission for one worker. In-process and exact, or leasing from Redis (`start`)."""
+
+    def __init__(
+        self,
+        cfg: LimitsConfig,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        workers: int = 1,
+        loader: Loader | None = None,
+        redis_prefix: str = "tollway:",
+        lease_ttl_s: float = 10.0,
+        sync_interval_s: float = 0.05,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.loader = loader
+        # Safe mode divides shared limits by the number of workers that may enforce them.
+        self.peers = max(1, workers)
+        self.keys: dict[int, Scope] = {}
+        self.users: dict[int, Scope] = {}
+        self.denials: dict[str, int] = {}
+        self.inflight = 0
+        self.degraded = False  # Redis configured but unreachable: safe mode
+        self._cidrs: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self._ip_ok: dict[tuple[tuple[str, ...], str], bool] = {}
+        self.shared: Shared | None = None
+        if cfg.redis_url:
+            from limits.shared import Shared
+
+            self.shared = Shared(self, cfg.redis_url, redis_prefix, lease_ttl_s, sync_interval_s)
+
+    # -- lifecycle (shared mode) --
+
+    async def start(self) -> None:
+        """Connect to Redis and start the background block refiller (no-op in-process)."""
+        if self.shared is not None:
+            await self.shared.start()
+
+    async def close(self) -> None:
+        """Return leased capacity to Redis and stop the background task."""
+        if self.shared is not None:
+            await self.shared.close()
+
+    async def refill(self, key: KeyState) -> None:
+        """Make `admit` decidable for this key: load budgets, lease blocks from Redis."""
+        now = self.clock()
+        k = self._scope(self.keys, "k", key.id, now)
+        u = self._scope(self.users, "u", key.user_id, now)
+        if (u.db is None or (key.cap_nano and k.db is None)) and self.loader is not None:
+            balance, spent = await self.loader(key.user_id, key.id)
+            if u.db is None:
+                self.apply_user_snapshot(key.user_id, balance)
+            if k.db is None:
+                self.apply_key_snapshot(key.id, spent)
+        if self.shared is not None:
+            await self.shared.refill_now(key, k, u)
+
+    # -- snapshots from the system of record --
+
+    def apply_user_snapshot(self, user_id: int, balance_nano: int, as_of: float | None = None) -> None:
+        """Latest balance read from Postgres. `as_of`: wall time taken BEFORE the read."""
+        s = self._scope(self.users, "u", user_id, self.clock())
+        s.db = balance_nano
+        if self.shared is not None:
+            self.shared.snapshot(s, time.time() if as_of is None else as_of)
+
+    def apply_key_snapshot(self, key_id: int, spent_nano: int, as_of: float | None = None) -> None:
+        """Latest spent total of a key read from Postgres (see apply_user_snapshot)."""
+        s = self._scope(self.keys, "k", key_id, self.clock())
+        s.db = -spent_nano
+        if self.shared is not None:
+            self.shared.snapshot(s, time.time() if as_of is None else as_of)
+
+    def on_flushed(
+        self, user_deltas: dict[int, int], key_deltas: dict[int, int], committed_at: float | None = None
+    ) -> None:
+        """The ledger committed these costs: they now live in the next snapshot, not here."""
+        at = time.time() if committed_at is None else committed_at
+        for table, deltas in ((self.users, user_deltas), (self.keys, key_deltas)):
+            for sid, delta in deltas.items():
+                s = table.get(sid)
+                if s is None:
+                    continue
+                s.unflushed -= delta
+                if self.shared is not None:
+                    # Until a snapshot newer than this commit reaches Redis, the amount stays
+                    # claimed by this worker, so no other worker can spend it twice.
+                    s.flushed.append((at, delta))
+
+    # -- stats --
+
+    def stats(self) -> dict[str, Any]:
+        """For /metrics: denials by reason, in-flight leases, leased blocks (shared mode)."""
+        out: dict[str, Any] = {
+            "denials": dict(self.denials),
+            "inflight": self.inflight,
+            "degraded": self.degraded,
+        }
+        if self.shared is not None:
+            out.update(self.shared.stats())
+        return out
+
+    # -- the hot path --
+
+    def _scope(self, table: dict[int, Scope], kind: str, sid: int, now: float) -> Scope:
+        s = table.get(sid)
+        if s is None:
+            s = table[sid] = Scope(kind, sid, now)
+        return s
+
+    def _deny(self, d: Denial) -> Denial:
+        self.denials[d.reason] = self.denials.get(d.reason, 0) + 1
+        return d
+
+    def _ip_allowed(self, cidrs: tuple[str, ...], ip: str) -> bool:
+        ok = self._ip_ok.get((cidrs, ip))
+        if ok is not None:
+            return ok
+        nets = self._cidrs.get(cidrs)
+        if nets is None:
+            nets = self._cidrs[cidrs] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            ok = False
+        else:
+            ok = any(addr in n for n in nets if n.version == addr.version)
+        if len(self._ip_ok) > 65536:
+            self._ip_ok.clear()
+        self._ip_ok[(cidrs, ip)] = ok
+        return ok
+
+    def admit(
+        self,
+        key: KeyState,
+        model: str,
+        est_tokens: int,
+        reserve_nano: int,
+        client_ip: str,
+        model_allowed: bool,
+        now: float,
+    ) -> Lease | Denial | None:
+        """Lease on admission, Denial otherwise; None: `await refill(key)` then admit again."""
+        if not key.enabled:
+            return self._deny(Denial(401, "invalid_api_key", "key disabled", reason="key_disabled"))
+        if not key.user_enabled:
+            return self._deny(Denial(401, "invalid_api_key", "user disabled", reason="user_disabled"))
+        if key.expires_at and key.expires_at <= time.time():
+            return self._deny(Denial(401, "invalid_api_key", "key expired", reason="key_expired"))
+        if key.plan_expires_at and key.plan_expires_at <= time.time():
+            return self._deny(Denial(401, "invalid_api_key", "plan expired", reason="plan_expired"))
+        if not model_allowed:
+            return self._deny(Denial(
+                403, "model_not_allowed", f"model {model!r} is not allowed for this key",
+                reason="model_not_allowed",
+            ))
+        if key.allowed_cidrs and not self._ip_allowed(key.allowed_cidrs, client_ip):
+            return self._deny(Denial(
+                403, "ip_not_allowed", "client IP is not in this key's allowlist",
+                reason="ip_not_allowed",
+            ))
+        cfg = self.cfg
+        keys = self.keys
+        k = keys.get(key.id)
+        if k is None:
+            k = keys[key.id] = Scope("k", key.id, now)
+        users = self.users
+        u = users.get(key.user_id)
+        if u is None:
+            u = users[key.user_id] = Scope("u", key.user_id, now)
+        k.touched = u.touched = now
+
+        # Distinct client IPs per user (device cap), sliding window.
+        max_ips = cfg.user_max_ips
+        if max_ips:
+            ips = u.ips
+            if client_ip not in ips and len(ips) >= max_ips:
+                horizon = now - cfg.user_ip_window_s
+                for ip in [ip for ip, seen in ips.items() if seen <= horizon]:
+                    del ips[ip]
+                if len(ips) >= max_ips:
+                    oldest = min(ips.values())
+                    return self._deny(Denial(
+                        403, "ip_limit_exceeded",
+                        f"device/IP limit reached: at most {max_ips} distinct client IPs per "
+                        f"account within {cfg.user_ip_window_s} s",
+                        oldest + cfg.user_ip_window_s - now, reason="ip_limit",
+                    ))
+            ips[client_ip] = now
+
+        shared = self.shared
+        leased = shared is not None and not self.degraded
+        div = self.peers if self.degraded else 1
+
+        # Concurrency.
+        kc = (key.concurrency or cfg.key_concurrency) // div or 1
+        uc = cfg.user_concurrency and (cfg.user_concurrency // div or 1)
+        if k.inflight >= kc or (uc and u.inflight >= uc):
+            which = "key" if k.inflight >= kc else "account"
+            return self._deny(_rate_denial(
+                "concurrency", f"{which} concurrency limit reached", _CONC_RETRY_S,
+                (0, 0, 0.0, 0, 0, 0.0),
+            ))
+        if leased:
+            if k.conc_held <= k.inflight or (uc and u.conc_held <= u.inflight):
+                if now < k.conc_empty_until or now < u.conc_empty_until:
+                    return self._deny(_rate_denial(
+                        "concurrency", "concurrency limit reached", _CONC_RETRY_S,
+                        (0, 0, 0.0, 0, 0, 0.0),
+                    ))
+                return None
+
+        # RPM (bucket state is committed only once every check has passed).
+        krpm = key.rpm or cfg.key_rpm
+        urpm = cfg.user_rpm
+        ktok = utok = 0.0
+        lim_r = rem_r = 0
+        reset_r = 0.0
+        for s, rpm in ((k, krpm), (u, urpm)):
+            if not rpm:
+                continue
+            if leased:
+                tokens = s.rt
+                if tokens == _INF:
+                    tokens = s.rt = 0
+                if tokens < 1:
+                    if now < s.rpm_empty_until:
+                        return self._deny(_rate_denial(
+                            "rpm", f"{'key' if s is k else 'account'} requests-per-minute limit reached",
+                            s.rpm_empty_until - now, (rpm, 0, s.rpm_empty_until - now, 0, 0, 0.0),
+                        ))
+                    return None
+                left = int(tokens - 1) + max(s.rleft, 0)
+                rate = rpm / 60
+            else:
+                cap = rpm / div
+                rate = cap / 60
+                tokens = s.rt + (now - s.rts) * rate
+                if tokens > cap:
+                    tokens = cap
+                if tokens < 1:
+                    retry = (1 - tokens) / rate
+                    return self._deny(_rate_denial(
+                        "rpm", f"{'key' if s is k else 'account'} requests-per-minute limit reached",
+                        retry, (rpm, 0, (cap - tokens) / rate, 0, 0, 0.0),
+                    ))
+                left = int(tokens - 1)
+            if s is k:
+                ktok = tokens
+            else:
+                utok = tokens
+            if not lim_r or left < rem_r:
+                lim_r, rem_r, reset_r = rpm, left, (rpm - left) / rate
+
+        # TPM: deny only while the settled-token bucket is already empty.
+        ktpm = key.tpm or cfg.key_tpm
+        utpm = cfg.user_tpm
+        klev = ulev = 0.0
+        lim_t = rem_t = 0
+        reset_t = 0.0
+        for s, tpm in ((k, ktpm), (u, utpm)):
+            if not tpm:
+                continue
+            cap = tpm / div
+            rate = cap / 60
+            level = s.tt + (now - s.tts) * rate
+            if level > cap:
+                level = cap
+            if level <= 0:
+                retry = -level / rate + 1 / rate
+                return self._deny(_rate_denial(
+                    "tpm", f"{'key' if s is k else 'account'} tokens-per-minute limit reached",
+                    retry, (lim_r, rem_r, reset_r, tpm, 0, (cap - level) / rate),
+                ))
+            s.tcap = cap
+            if s is k:
+                klev = level
+            else:
+                ulev = level
+            if not lim_t or level < rem_t:
+                lim_t, rem_t, reset_t = tpm, int(level), (cap - level) / rate
+
+        # Quota: the reservation must fit the key cap and the user balance.
+        cap_nano = key.cap_nano
+        k.limit = cap_nano
+        for s in ((k, u) if cap_nano else (u,)):
+            if shared is not None:
+                # Leased budget only; in safe mode no new slice can be had.
+                avail = s.held - s.reserved
+                if reserve_nano > avail or avail <= 0:
+                    s.last_reserve = reserve_nano
+                    if self.degraded:
+                        return self._deny(Denial(
+                            429, "rate_limit_exceeded",
+                            "quota check temporarily unavailable; retry shortly", 1.0,
+                            ((b"retry-after", b"1"),), reason="quota_degraded",
+                        ))
+                    if now < s.money_empty_until:
+                        return self._quota_denial(s is k)
+                    return None
+            else:
+                db = s.db
+                if db is None:
+                    if self.loader is not None:
+                        return None
+                    return self._deny(Denial(
+                        402, "insufficient_quota", "balance not loaded yet", 1.0,
+                        ((b"retry-after", b"1"),), reason="quota_unknown",
+                    ))
+                avail = s.limit + db - s.unflushed - s.reserved
+                if reserve_nano > avail or avail <= 0:
+                    return self._quota_denial(s is k)
+
+        # Commit.
+        if krpm:
+            k.rt = ktok - 1
+            k.rts = now
+        if urpm:
+            u.rt = utok - 1
+            u.rts = now
+        if ktpm:
+            k.tt = klev
+            k.tts = now
+        if utpm:
+            u.tt = ulev
+            u.tts = now
+        k.inflight += 1
+        u.inflight += 1
+        if cap_nano:
+            k.reserved += reserve_nano
+        u.reserved += reserve_nano
+        self.inflight += 1
+        if shared is not None:
+            shared.after_admit(key, k, u)
+        return Lease(self, k, u, reserve_nano if cap_nano else -reserve_nano,
+                     (lim_r, rem_r, reset_r, lim_t, rem_t, reset_t))
+
+    def _quota_denial(self, is_key: bool) -> Denial:
+        msg = "key spending cap reached" if is_key else "insufficient balance"
+        return self._deny(Denial(402, "insufficient_quota", msg, reason="key_cap" if is_key else "balance"))
+
+    def _release(self, k: Scope, u: Scope, reserve: int, cost: int, tokens: int) -> None:
+        # A negative reserve marks a lease that reserved nothing against the key cap.
+        k.inflight -= 1
+        u.inflight -= 1
+        self.inflight -= 1
+        if reserve >= 0:
+            k.reserved -= reserve
+            k.unflushed += cost
+            k.held -= cost
+        else:
+            reserve = -reserve
+        u.reserved -= reserve
+        u.unflushed += cost
+        u.held -= cost
+        shared = self.shared is not None
+        if tokens:
+            now = self.clock()
+            for s in (k, u):
+                cap = s.tcap
+                if cap:
+                    level = s.tt + (now - s.tts) * cap / 60
+                    s.tt = (cap if level > cap else level) - tokens
+                    s.tts = now
+                if shared:
+                    s.debt += tokens
+        if self.shared is not None:
+            self.shared.after_release(k, u)
