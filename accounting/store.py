@@ -246,8 +246,9 @@ async def _user_id(conn: Conn, user: int | str) -> int:
 _USER_COLS = "id, name, status, balance_nano, concurrency, rpm, tpm, max_ips, created_at, version"
 
 
-async def create_user(conn: Conn, name: str, balance_nano: int = 0, *, note: str = "initial balance") -> User:
-    """Create a user; an opening balance is journaled as a topup in the same transaction."""
+async def create_user(conn: Conn, name: str, balance_nano: int = 0, *, note: str = "initial balance") -> int:
+    """Create a user; return its id. An opening balance is journaled as a topup in the
+    same transaction."""
     name = name.strip()
     if not name:
         raise StoreError("user name: must not be empty")
@@ -255,18 +256,17 @@ async def create_user(conn: Conn, name: str, balance_nano: int = 0, *, note: str
         raise StoreError("balance: must not be negative")
     async with _transaction(conn) as tx:
         try:
-            row = await tx.fetchrow(
-                f"INSERT INTO users (name, balance_nano) VALUES ($1, $2) RETURNING {_USER_COLS}",
-                name, balance_nano,
+            uid = await tx.fetchval(
+                "INSERT INTO users (name, balance_nano) VALUES ($1, $2) RETURNING id", name, balance_nano
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"user {name!r} already exists")
         if balance_nano:
             await tx.execute(
                 "INSERT INTO topups (user_id, amount_nano, note) VALUES ($1, $2, $3)",
-                row["id"], balance_nano, note,
+                uid, balance_nano, note,
             )
-    return _user(row)
+    return int(uid)
 
 
 async def get_user(conn: Conn, user: int | str) -> User | None:
