@@ -1,0 +1,260 @@
+"""The ledger and its flusher against a real Postgres: idempotence, exact aggregated
+charges, concurrent flushers, outages, spill, partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+from accounting.journal import Journal
+from accounting.ledger import Flusher, Ledger, write_batch
+from accounting.ledger import prepare as prepare_stage
+from accounting.records import Usage, UsageRecord
+
+
+async def make_account(pg: asyncpg.Connection, balance: int = 10**12, keys: int = 1) -> tuple[int, list[int]]:
+    uid = await pg.fetchval(
+        "INSERT INTO users (name, balance_nano) VALUES ($1, $2) RETURNING id",
+        f"ledger-{uuid.uuid4().hex[:12]}", balance,
+    )
+    kids = [
+        await pg.fetchval(
+            "INSERT INTO keys (user_id, key_hash, key_prefix) VALUES ($1, $2, 'sk-test') RETURNING id",
+            uid, os.urandom(32),
+        )
+        for _ in range(keys)
+    ]
+    return uid, kids
+
+
+def rec(user_id: int, key_id: int, cost: int, *, rid: str | None = None, ts: float | None = None,
+        plan_id: int = 0, status: int = 200, model: str = "gpt-4o-mini") -> UsageRecord:
+    return UsageRecord(
+        request_id=rid or f"req_{uuid.uuid4().hex}", ts=time.time() if ts is None else ts,
+        user_id=user_id, key_id=key_id, group="default", model=model,
+        upstream_model=model, channel="main", protocol="openai", route="chat", stream=True,
+        status=status, error_code="" if status < 400 else "upstream_error",
+        usage=Usage(input=100, output=20, cache_read=5, cache_write=1, reasoning=3),
+        usage_source="upstream", cost_nano=cost, price_version=1, latency_ms=40, ttfb_ms=7,
+        plan_id=plan_id,
+    )
+
+
+async def until(pred: Callable[[], bool], limit_s: float = 15.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def closed_port_dsn(pg_dsn: str) -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"postgresql://postgres@127.0.0.1:{port}/nothing"
+
+
+async def balance(pg: asyncpg.Connection, uid: int) -> int:
+    return int(await pg.fetchval("SELECT balance_nano FROM users WHERE id = $1", uid))
+
+
+async def spent(pg: asyncpg.Connection, kid: int) -> int:
+    return int(await pg.fetchval("SELECT spent_nano FROM keys WHERE id = $1", kid))
+
+
+async def test_same_rows_twice_are_logged_and_charged_once(pg: asyncpg.Connection) -> None:
+    uid, (kid,) = await make_account(pg, balance=1_000_000)
+    rows = [rec(uid, kid, 1000 + i) for i in range(50)]
+    await prepare_stage(pg)
+    first = await write_batch(pg, rows)
+    second = await write_batch(pg, rows + rows[:10])  # a replay, and duplicates in one batch
+    assert first.inserted == 50 and second.inserted == 0
+    assert second.user_deltas == {} and second.key_deltas == {}
+    total = sum(r.cost_nano for r in rows)
+    assert await balance(pg, uid) == 1_000_000 - total
+    assert await spent(pg, kid) == total
+    ids = [r.request_id for r in rows]
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)", ids) == 50
+    hourly = await pg.fetchrow(
+        "SELECT sum(requests) AS n, sum(cost_nano) AS c FROM usage_hourly WHERE key_id = $1", kid)
+    assert hourly["n"] == 50 and hourly["c"] == total
+
+
+async def test_aggregated_deltas_are_exact(pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    accounts = [await make_account(pg, balance=5 * 10**9, keys=2) for _ in range(4)]
+    rows = []
+    for _ in range(3000):
+        uid, kids = rng.choice(accounts)
+        rows.append(rec(uid, rng.choice(kids), rng.randrange(0, 10**7),
+                        plan_id=rng.choice([0, 0, 0, 9]), status=rng.choice([200, 200, 502])))
+    seen_users: dict[int, int] = {}
+    seen_keys: dict[int, int] = {}
+
+    def on_flushed(users: dict[int, int], keys: dict[int, int]) -> None:
+        for k, v in users.items():
+            seen_users[k] = seen_users.get(k, 0) + v
+        for k, v in keys.items():
+            seen_keys[k] = seen_keys.get(k, 0) + v
+
+    ledger = Ledger(Journal(tmp_path), flush_rows=700)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=20,
+                      flush_rows=700, on_flushed=on_flushed)
+    flusher.start()
+    for r in rows:
+        ledger.record(r)
+    assert await flusher.stop(timeout=30)
+    want_users: dict[int, int] = {}
+    want_keys: dict[int, int] = {}
+    for r in rows:
+        if r.plan_id == 0:
+            want_users[r.user_id] = want_users.get(r.user_id, 0) + r.cost_nano
+        want_keys[r.key_id] = want_keys.get(r.key_id, 0) + r.cost_nano
+    assert seen_users == want_users and seen_keys == want_keys
+    for uid, kids in accounts:
+        assert await balance(pg, uid) == 5 * 10**9 - want_users.get(uid, 0)
+        for kid in kids:
+            assert await spent(pg, kid) == want_keys.get(kid, 0)
+            h = await pg.fetchrow(
+                "SELECT sum(requests) n, sum(errors) e, sum(input_tokens) i FROM usage_hourly"
+                " WHERE key_id = $1", kid)
+            mine = [r for r in rows if r.key_id == kid]
+            assert h["n"] == len(mine)
+            assert h["e"] == sum(1 for r in mine if r.status >= 400)
+            assert h["i"] == 100 * len(mine)
+    assert flusher.stats()["flushed_rows_total"] == 3000
+    assert os.listdir(tmp_path) == []  # every segment committed and deleted
+
+
+async def test_concurrent_flushers_on_shared_users_do_not_deadlock(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    accounts = [await make_account(pg, balance=10**12, keys=3) for _ in range(8)]
+    rng = random.Random(3)
+    pairs = []
+    for i in range(2):
+        ledger = Ledger(Journal(tmp_path, name=f"w{i}"), flush_rows=200)
+        pairs.append((ledger, Flusher(ledger, pg_dsn, flush_interval_ms=5, flush_rows=200)))
+    for _, f in pairs:
+        f.start()
+    total = 0
+    for n in range(12_000):
+        uid, kids = rng.choice(accounts)
+        cost = rng.randrange(1, 10**6)
+        total += cost
+        pairs[n % 2][0].record(rec(uid, rng.choice(kids), cost))
+        if n % 500 == 0:
+            await asyncio.sleep(0)  # let both flushers run interleaved
+    results = await asyncio.gather(*(f.stop(timeout=60) for _, f in pairs))
+    assert results == [True, True]
+    assert [f.failures for _, f in pairs] == [0, 0], [f.last_error for _, f in pairs]
+    uids = [a[0] for a in accounts]
+    charged = await pg.fetchval(
+        "SELECT sum(10^12 - balance_nano)::bigint FROM users WHERE id = ANY($1)", uids)
+    assert charged == total
+
+
+async def test_postgres_unreachable_then_back_loses_nothing(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    uid, (kid,) = await make_account(pg, balance=10**9)
+    ledger = Ledger(Journal(tmp_path), flush_rows=100)
+    flusher = Flusher(ledger, closed_port_dsn(pg_dsn), flush_interval_ms=10, flush_rows=100,
+                      max_backoff_s=0.1)
+    flusher.start()
+    rows = [rec(uid, kid, 1000) for _ in range(500)]
+    for r in rows:
+        ledger.record(r)  # requests keep flowing while the database is away
+    await until(lambda: flusher.failures >= 3)
+    assert ledger.backlog == 500 and flusher.flushed_rows == 0
+    flusher.dsn = pg_dsn
+    await until(lambda: ledger.backlog == 0)
+    assert await flusher.stop(timeout=10)
+    ids = [r.request_id for r in rows]
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)", ids) == 500
+    assert await balance(pg, uid) == 10**9 - 500 * 1000
+
+
+async def test_spill_past_max_pending_rows_keeps_memory_bounded_and_order(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    uid, (kid,) = await make_account(pg)
+    journal = Journal(tmp_path, segment_bytes=16 * 1024)  # many small segments
+    order: list[str] = []
+
+    class Recording(Ledger):
+        def committed(self, n: int) -> None:
+            order.extend(r.request_id for r in self.pending[:n])
+            super().committed(n)
+
+    ledger = Recording(journal, max_pending_rows=100, flush_rows=40)
+    flusher = Flusher(ledger, closed_port_dsn(pg_dsn), flush_interval_ms=10, flush_rows=40,
+                      max_backoff_s=0.1)
+    flusher.start()
+    base = time.time()
+    rows = [rec(uid, kid, 7, rid=f"spill-{uuid.uuid4().hex[:8]}-{i:05d}", ts=base + i / 1000)
+            for i in range(2000)]
+    for r in rows:
+        ledger.record(r)
+    assert len(ledger.pending) == 100  # the bound holds
+    assert ledger.spilled_rows == 1900 and ledger.backlog == 2000
+    assert flusher.stats()["journal_bytes"] > 0 and len(os.listdir(tmp_path)) > 3
+    flusher.dsn = pg_dsn
+    await until(lambda: ledger.backlog == 0)
+    for _ in range(5):  # after the spill drains, new rows go to memory again
+        ledger.record(rec(uid, kid, 7))
+    assert len(ledger.pending) == 5 and ledger.spilled_rows == 0
+    assert await flusher.stop(timeout=10)
+    assert order[:2000] == [r.request_id for r in rows]  # FIFO through the spill
+    ids = [r.request_id for r in rows]
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)", ids) == 2000
+    assert os.listdir(tmp_path) == []
+
+
+async def test_day_partitions_created_ahead_and_dropped_by_retention(pg: asyncpg.Connection) -> None:
+    today = datetime.now(UTC).date()
+    names = {r["relname"] for r in await pg.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'usage_log'::regclass")}
+    for d in range(4):
+        assert f"usage_log_p{(today + timedelta(days=d)):%Y%m%d}" in names
+    assert "usage_log_default" in names
+    # A row whose day has no partition lands in the default one, and moves when it is made.
+    far = date(2090, 1, 2)
+    ts = datetime(2090, 1, 2, 12, tzinfo=UTC).timestamp()
+    uid, (kid,) = await make_account(pg)
+    await prepare_stage(pg)
+    await write_batch(pg, [rec(uid, kid, 1, rid="far-future", ts=ts)])
+    where = "SELECT tableoid::regclass::text FROM usage_log WHERE request_id = 'far-future'"
+    assert await pg.fetchval(where) == "usage_log_default"
+    assert await pg.fetchval("SELECT usage_log_ensure_partitions($1, 2)", far) == 2
+    assert await pg.fetchval(where) == "usage_log_p20900102"
+    # Retention: an old day goes away whole.
+    old = today - timedelta(days=200)
+    await pg.fetchval("SELECT usage_log_ensure_partitions($1, 1)", old)
+    old_ts = datetime(old.year, old.month, old.day, 1, tzinfo=UTC).timestamp()
+    await write_batch(pg, [rec(uid, kid, 1, rid="very-old", ts=old_ts)])
+    assert await pg.fetchval("SELECT usage_log_drop_before($1)", today - timedelta(days=90)) >= 1
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = 'very-old'") == 0
+    assert await pg.fetchval("SELECT to_regclass($1)", f"usage_log_p{old:%Y%m%d}") is None
+    assert await pg.fetchval("SELECT usage_log_maintain(90)") == 0  # already ahead: nothing to make
+
+
+def test_record_is_synchronous_and_bounded(tmp_path: Path) -> None:
+    ledger = Ledger(Journal(tmp_path), max_pending_rows=10)
+    r = rec(1, 1, 1)
+    assert ledger.record(r) is None  # a plain call: no coroutine to await
+    for _ in range(30):
+        ledger.record(rec(1, 1, 1))
+    assert len(ledger.pending) == 10 and ledger.backlog == 31
