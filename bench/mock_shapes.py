@@ -119,6 +119,12 @@ _PROCESS = os.urandom(5).hex()
 _counter = count(1)
 
 
+def reseed_ids() -> None:
+    """Draw a new process prefix: a forked worker must not repeat its parent's ids."""
+    global _PROCESS
+    _PROCESS = os.urandom(5).hex()
+
+
 def new_id() -> str:
     """24 hex characters, unique across worker processes (random prefix) and requests."""
     return f"{_PROCESS}{next(_counter):014x}"

@@ -143,8 +143,10 @@ class _Job:
             self.conn.state.stats.faults_injected += 1
             return
         self.state = _BODY
-        if self.parts and self.delay <= 0 and self.fail is None and not self.conn.write_paused:
-            # The common case: one write for the whole response.
+        if (self.delay <= 0 and self.fail is None and not self.conn.write_paused
+                and sum(map(len, self.parts)) < _HIGH_WATER):
+            # The common case: one write for the whole response. Larger bodies go part by
+            # part so that backpressure can stop them.
             self.i = len(self.parts)
             self.conn.transport.write(b"".join((self.head, *self.parts, self.tail)))
             self._finish()
@@ -575,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     for sock in socks[1:]:
         pid = os.fork()
         if pid == 0:
+            shapes.reseed_ids()  # ids must stay unique across workers
             for other in socks:
                 if other is not sock:
                     other.close()
