@@ -12,18 +12,15 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Any
-
-frozen = partial(dataclass, frozen=True, slots=True)
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or malformed (message names its path)."""
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -38,7 +35,7 @@ class ServerConfig:
     log_client_ip: bool = False
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     dsn: str = ""  # empty: embedded Postgres in data_dir
     data_dir: str = ".tollway"
@@ -46,7 +43,7 @@ class DatabaseConfig:
     pool_max: int = 8
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 60.0
@@ -59,7 +56,7 @@ class UpstreamConfig:
     reasoning_models: tuple[str, ...] = ("o1*", "o3*", "o4*", "gpt-5*", "*thinking*", "*reasoner*")
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class LedgerConfig:
     flush_interval_ms: int = 250
     flush_rows: int = 5000
@@ -70,7 +67,7 @@ class LedgerConfig:
     charge_zero_output_aborts: bool = False
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     redis_url: str = ""
     key_concurrency: int = 100
@@ -86,20 +83,20 @@ class LimitsConfig:
     auth_failures_per_minute: int = 30  # per client IP, then 429
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     enabled: bool = True
     port: int = 0  # 0: served on the main port at /metrics
     token: str = ""  # when set, /metrics requires "Authorization: Bearer <token>"
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     token_env: str = "TOLLWAY_ADMIN_TOKEN"
     token: str = ""  # for demos; prefer token_env
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class DemoConfig:
     mock_upstream: bool = False  # start bench/mock_upstream beside the gateway
     mock_port: int = 8090
@@ -107,7 +104,7 @@ class DemoConfig:
     demo_balance: str = "5"
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class ChannelConfig:
     name: str
     protocol: str  # "openai" | "anthropic"
@@ -125,7 +122,7 @@ class ChannelConfig:
         return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class Price:
     """USD per 1M tokens, as decimal strings; accounting turns them into exact integers."""
 
@@ -135,14 +132,14 @@ class Price:
     cache_write: str = ""
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class GroupConfig:
     name: str
     multiplier: str = "1"  # exact decimal or fraction string, e.g. "0.8" or "2/3"
     models: tuple[str, ...] = ("*",)
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)

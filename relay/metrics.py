@@ -1,0 +1,200 @@
+"""Prometheus metrics: plain counters on the hot path, prometheus_client at scrape time.
+
+Why not prometheus_client's Counter objects per request: each `.labels().inc()` takes a
+lock and a dict lookup per metric; with six families per request that is most of a
+request's CPU budget. Here a request updates a few dict entries and one histogram
+bucket list; the exposition is built by a custom collector only when /metrics is
+scraped. Workers write a snapshot of their counters to `<data_dir>/metrics/<pid>.json`
+every second, and a scrape on any worker merges every live worker's snapshot, so one
+scrape sees the whole host.
+
+Label sets are bounded: route, protocol, status class, model (only models the gateway
+knows, else "other"), token class, reason. Never a key, a user or a request id.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+MAX_MODELS = 200
+
+
+class Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, v)] += 1
+        self.sum += v
+
+
+class Metrics:
+    def __init__(self, snapshot_dir: Path | None = None, token: str = "") -> None:
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.latency: dict[str, Histogram] = {}
+        self.ttfb: dict[str, Histogram] = {}
+        self.upstream_latency: dict[str, Histogram] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+        self.spend: dict[str, int] = {}
+        self.models: set[str] = set()
+        self.snapshot_dir = snapshot_dir
+        self.token = token.encode()
+        self.gauges: list[Callable[[], Iterator[Metric]]] = []
+
+    def known_models(self, names: list[str]) -> None:
+        """Only models the operator configured become label values."""
+        self.models.update(names[:MAX_MODELS])
+
+    def request(self, route: Any, status: int, stream: bool, latency: float, ttfb: float,
+                model: str, usage: Any, cost: int) -> None:
+        m = model if model in self.models else "other"
+        k = (route.name, route.protocol_name, STATUS_CLASS.get(status // 100, "5xx"), m)
+        self.requests[k] = self.requests.get(k, 0) + 1
+        h = self.latency.get(route.name)
+        if h is None:
+            h = self.latency[route.name] = Histogram()
+            self.ttfb[route.name] = Histogram()
+        h.observe(latency)
+        if ttfb >= 0:
+            self.ttfb[route.name].observe(ttfb)
+        if usage is not None:
+            t = self.tokens
+            for cls, n in (("input", usage.input), ("output", usage.output),
+                           ("cache_read", usage.cache_read), ("cache_write", usage.cache_write)):
+                if n:
+                    tk = (m, cls)
+                    t[tk] = t.get(tk, 0) + n
+        if cost:
+            self.spend[m] = self.spend.get(m, 0) + cost
+
+    # --- snapshots and exposition -----------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": [[*k, v] for k, v in self.requests.items()],
+            "latency": {k: [h.counts, h.sum] for k, h in self.latency.items()},
+            "ttfb": {k: [h.counts, h.sum] for k, h in self.ttfb.items()},
+            "tokens": [[*k, v] for k, v in self.tokens.items()],
+            "spend": self.spend,
+        }
+
+    def write_snapshot(self) -> None:
+        if self.snapshot_dir is None:
+            return
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.snapshot_dir / f".{os.getpid()}.tmp"
+        tmp.write_bytes(orjson.dumps(self.snapshot()))
+        tmp.replace(self.snapshot_dir / f"{os.getpid()}.json")
+
+    def _merged(self) -> dict[str, Any]:
+        snaps = [self.snapshot()]
+        if self.snapshot_dir is not None and self.snapshot_dir.is_dir():
+            me = os.getpid()
+            for p in self.snapshot_dir.glob("*.json"):
+                try:
+                    pid = int(p.stem)
+                except ValueError:
+                    continue
+                if pid == me:
+                    continue
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    p.unlink(missing_ok=True)
+                    continue
+                except PermissionError:
+                    pass
+                try:
+                    snaps.append(orjson.loads(p.read_bytes()))
+                except (OSError, orjson.JSONDecodeError):
+                    continue
+        req: dict[tuple[str, ...], int] = {}
+        tok: dict[tuple[str, ...], int] = {}
+        spend: dict[str, int] = {}
+        lat: dict[str, list[Any]] = {}
+        ttfb: dict[str, list[Any]] = {}
+        for s in snaps:
+            for *k, v in s["requests"]:
+                req[tuple(k)] = req.get(tuple(k), 0) + v
+            for *k, v in s["tokens"]:
+                tok[tuple(k)] = tok.get(tuple(k), 0) + v
+            for k, v in s["spend"].items():
+                spend[k] = spend.get(k, 0) + v
+            for src, dst in ((s["latency"], lat), (s["ttfb"], ttfb)):
+                for k, (counts, total) in src.items():
+                    cur = dst.setdefault(k, [[0] * len(counts), 0.0])
+                    cur[0] = [a + b for a, b in zip(cur[0], counts, strict=True)]
+                    cur[1] += total
+        return {"requests": req, "tokens": tok, "spend": spend, "latency": lat, "ttfb": ttfb}
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._merged()
+        c = CounterMetricFamily("tollway_requests", "Model requests served",
+                                labels=["route", "protocol", "status_class", "model"])
+        for k, v in sorted(m["requests"].items()):
+            c.add_metric(list(k), v)
+        yield c
+        for name, doc, data in (
+            ("tollway_request_duration_seconds", "Request latency, admission to last byte", m["latency"]),
+            ("tollway_time_to_first_byte_seconds", "Time from admission to the upstream's first byte", m["ttfb"]),
+        ):
+            h = HistogramMetricFamily(name, doc, labels=["route"])
+            for route, (counts, total) in sorted(data.items()):
+                acc = 0
+                buckets = []
+                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                    acc += n
+                    buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+                h.add_metric([route], buckets, total)
+            yield h
+        t = CounterMetricFamily("tollway_tokens", "Tokens settled, by model and token class",
+                                labels=["model", "token_class"])
+        for k, v in sorted(m["tokens"].items()):
+            t.add_metric(list(k), v)
+        yield t
+        s = CounterMetricFamily("tollway_spend_usd", "Spend settled, in USD (exact in nano-USD in the usage log)",
+                                labels=["model"])
+        for k, v in sorted(m["spend"].items()):
+            s.add_metric([k], v / 1e9)
+        yield s
+        for fn in self.gauges:
+            yield from fn()
+
+    def render(self) -> bytes:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry)
+
+    def serve(self, req: Any, conn: Any) -> None:
+        if self.token:
+            auth = req.header(b"authorization") or b""
+            import hmac
+
+            if not hmac.compare_digest(auth, b"Bearer " + self.token):
+                conn.send(401, [(b"content-type", b"text/plain")], b"unauthorized\n")
+                return
+        conn.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+                  self.render())
+
+
+def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)

@@ -1,0 +1,304 @@
+"""The model routes: one exchange per request, from admission to settlement.
+
+Flow (one task per request; the body moves by callbacks, not awaits):
+
+    parse model/stream ─▶ auth ─▶ route ─▶ limits.admit ─▶ upstream.send
+        upstream bytes ─▶ Exchange.on_body ─▶ client transport  (tap looks at usage events)
+    done | failed | client gone ─▶ settle: price, lease.release, ledger.record
+
+Bytes pass unmodified (DESIGN invariant 1). The only edit to a stream is withholding
+the usage-only chunk the gateway itself asked for (OpenAI `stream_options`) from a
+client that did not ask; the SSE framer keeps that edit byte-exact around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from accounting import usage as usage_mod
+from relay import errors as E
+from relay.errors import GatewayError
+from relay.httpserver import HttpConnection, Request
+from relay.sse import SSEFramer, fields, has_usage_object
+from relay.upstream import HOP_BY_HOP, UpstreamConnection
+
+if TYPE_CHECKING:
+    from relay.app import Gateway, Route
+    from relay.routing import Channel
+
+# Client request headers that never go upstream: hop-by-hop, our own auth, cookies,
+# and what build_request sets itself. Everything else passes through untouched.
+DROP_REQUEST_HEADERS = frozenset(
+    {
+        b"host", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
+        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
+        b"authorization", b"x-api-key", b"api-key", b"cookie", b"accept-encoding",
+        b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip",
+        b"forwarded", b"expect",
+    }
+)
+
+JSON_CT = (b"content-type", b"application/json")
+
+# Stream handling modes
+NONSTREAM = 0
+TAP = 1  # forward each upstream chunk as is; frame a copy to find usage events
+WITHHOLD = 2  # forward event by event, dropping the usage-only chunk we asked for
+
+INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+class Exchange:
+    """One client request's trip to an upstream; the upstream connection's sink."""
+
+    __slots__ = (
+        "_watchdog", "aborted", "body_chunks", "bytes_out", "channel", "client", "done",
+        "error", "error_body", "first_byte", "framer", "gw", "headers_out", "last_activity",
+        "loop", "mode", "protocol", "route", "started", "status", "tap", "upstream",
+        "upstream_status",
+    )
+
+    def __init__(self, gw: Gateway, client: HttpConnection, route: Route, mode: int,
+                 headers_out: list[tuple[bytes, bytes]]) -> None:
+        self.gw = gw
+        self.loop = gw.loop
+        self.client = client
+        self.route = route
+        self.protocol = route.protocol
+        self.mode = mode
+        self.headers_out = headers_out
+        self.framer: SSEFramer | None = SSEFramer() if mode != NONSTREAM else None
+        self.tap: Any = None
+        self.body_chunks: list[bytes] = []
+        self.bytes_out = 0
+        self.status = 0
+        self.upstream_status = 0
+        self.started = False  # response head sent to the client
+        self.first_byte = 0.0
+        self.last_activity = 0.0
+        self.error: GatewayError | None = None
+        self.error_body: list[bytes] | None = None
+        self.aborted = False  # the client went away
+        self.upstream: UpstreamConnection | None = None
+        self.channel: Channel | None = None
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    # --- Sink ------------------------------------------------------------------------
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        now = self.loop.time()
+        self.first_byte = self.last_activity = now
+        self.upstream_status = status
+        if status >= 500 or status == 429 or 300 <= status < 400:
+            # Decided at on_done: retry elsewhere, or render. Nothing reaches the client yet.
+            self.error_body = []
+            return
+        self.status = status
+        out = self.headers_out
+        for k, v in headers:
+            if k not in HOP_BY_HOP:
+                out.append((k, v))
+        if status >= 400:
+            self.mode = NONSTREAM  # an upstream 4xx passes through unchanged
+        if self.mode == WITHHOLD:
+            length = None  # we may drop bytes: the length is no longer known
+        self.client.start(status, out, length)
+        self.started = True
+        up = self.upstream
+        if up is not None:
+            self.client.on_pause = up.pause
+            self.client.on_resume = up.resume
+            if self.client.write_paused:
+                up.pause()
+
+    def on_body(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        eb = self.error_body
+        if eb is not None:
+            if sum(map(len, eb)) < 65536:
+                eb.append(data)
+            return
+        self.body_chunks.append(data)
+        mode = self.mode
+        if mode == NONSTREAM:
+            self.bytes_out += len(data)
+            self.client.write(data)
+        elif mode == TAP:
+            self.bytes_out += len(data)
+            self.client.write(data)
+            for block in self.framer.feed(data):  # type: ignore[union-attr]
+                if has_usage_object(block):
+                    self._feed_tap(block)
+        else:
+            out = []
+            for block in self.framer.feed(data):  # type: ignore[union-attr]
+                if has_usage_object(block):
+                    self._feed_tap(block)
+                    if usage_mod.is_usage_only_chunk(fields(block)[1]):
+                        continue
+                out.append(block)
+            if out:
+                payload = out[0] if len(out) == 1 else b"".join(out)
+                self.bytes_out += len(payload)
+                self.client.write(payload)
+
+    def _feed_tap(self, block: bytes) -> None:
+        event, data = fields(block)
+        tap = self.tap
+        if tap is None:
+            tap = self.tap = self.route.new_tap()
+        if tap is not None:
+            try:
+                tap.feed_event(data, event)
+            except (ValueError, TypeError, KeyError):
+                pass  # a malformed usage event is estimated at settlement, never fatal
+
+    def on_done(self) -> None:
+        self.upstream = None
+        if self.error_body is not None and self.error is None:
+            self.error = _upstream_status_error(self.upstream_status, b"".join(self.error_body))
+        if self.started:
+            if self.framer is not None and self.mode == WITHHOLD and self.framer.pending:
+                pending = self.framer.pending
+                self.bytes_out += len(pending)
+                self.client.write(pending)
+            self.client.end()
+        self._finish()
+
+    def on_fail(self, exc: GatewayError) -> None:
+        self.upstream = None
+        if self.error is None:
+            self.error = exc
+        if self.started and not self.aborted:
+            # Mid-stream failure: one error event in the route's protocol, then the end.
+            if self.mode != NONSTREAM:
+                if self.framer is not None and self.mode == WITHHOLD and self.framer.pending:
+                    self.client.write(self.framer.pending)
+                self.client.write(E.render_stream_event(exc, self.protocol))
+                self.client.end()
+            else:
+                self.client.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client disconnected: cancel the upstream request at once."""
+        self.aborted = True
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.abort()
+        if self.error is None:
+            self.error = _CLIENT_GONE
+        self._finish()
+
+    def arm(self, first_byte_timeout: float, idle_timeout: float, total_timeout: float) -> None:
+        start = self.loop.time()
+        self.last_activity = 0.0
+
+        def check() -> None:
+            self._watchdog = None
+            if self.done.done():
+                return
+            now = self.loop.time()
+            if now - start > total_timeout:
+                self._timeout(f"Upstream did not finish within {total_timeout:g}s")
+            elif self.first_byte == 0.0:
+                if now - start >= first_byte_timeout:
+                    self._timeout(f"Upstream sent no response within {first_byte_timeout:g}s")
+                else:
+                    self._watchdog = self.loop.call_at(start + first_byte_timeout, check)
+            elif now - self.last_activity >= idle_timeout:
+                self._timeout(f"Upstream stream stalled for {idle_timeout:g}s")
+            else:
+                nxt = min(self.last_activity + idle_timeout, start + total_timeout)
+                self._watchdog = self.loop.call_at(nxt, check)
+
+        self._watchdog = self.loop.call_at(start + first_byte_timeout, check)
+
+    def _timeout(self, message: str) -> None:
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.abort()
+        self.on_fail(E.UpstreamTimeout(message))
+
+
+class _ClientGone(GatewayError):
+    status = 499
+    openai_code = "client_closed_request"
+
+
+_CLIENT_GONE = _ClientGone("Client closed the connection")
+
+
+def _upstream_status_error(status: int, body: bytes) -> GatewayError:
+    detail = ""
+    try:
+        obj = orjson.loads(body)
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict):
+            detail = str(err.get("message", ""))[:300]
+        elif isinstance(err, str):
+            detail = err[:300]
+    except orjson.JSONDecodeError:
+        detail = body[:200].decode("utf-8", "replace")
+    if 300 <= status < 400:
+        return E.UpstreamError(f"Upstream answered with a redirect ({status}); redirects are not followed")
+    if status == 429:
+        exc: GatewayError = E.RateLimited(f"Upstream rate limited the request: {detail}".rstrip(": "))
+        exc.upstream_body = body  # type: ignore[attr-defined]
+        return exc
+    return E.UpstreamError(f"Upstream error {status}: {detail}".rstrip(": "))
+
+
+# --- request helpers ---------------------------------------------------------------
+
+
+def extract_secret(req: Request) -> bytes | None:
+    for k, v in req.headers:
+        if k == b"authorization":
+            if v[:7].lower() == b"bearer ":
+                return v[7:].strip()
+            return v.strip()
+        if k == b"x-api-key" or k == b"api-key":
+            return v.strip()
+    return None
+
+
+def max_output_tokens(body: dict[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        v = body.get(name)
+        if type(v) is int and v > 0:
+            return v
+    return 0
+
+
+def upstream_headers(req: Request, channel: Channel) -> list[tuple[bytes, bytes]]:
+    out = [h for h in req.headers if h[0] not in DROP_REQUEST_HEADERS]
+    out.extend(channel.auth_headers)
+    out.extend(channel.extra_headers)
+    return out
+
+
+def inject_include_usage(raw: bytes) -> bytes:
+    """Ask an OpenAI upstream for the usage chunk without re-serialising the body."""
+    i = raw.find(b"{")
+    return raw[: i + 1] + INCLUDE_USAGE + raw[i + 1 :]
+
+
+def now_unix() -> float:
+    return time.time()

@@ -1,0 +1,209 @@
+"""Process model: the supervisor prepares storage, then runs one worker per core.
+
+Supervisor: resolve the DSN (starting the embedded Postgres when none is set), apply
+migrations, sync config channels and prices, create the demo user on an empty
+database, start the bundled mock upstream when configured, then fork the workers
+(one `SO_REUSEPORT` listening socket each, so the kernel spreads connections) and
+restart any that die. SIGTERM is forwarded; each worker drains: it stops accepting,
+lets in-flight streams finish within `server.drain_grace_s`, flushes its ledger and
+exits. With one worker everything runs in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from relay.config import Config
+
+log = logging.getLogger("tollway")
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+# --- supervisor -----------------------------------------------------------------------
+
+
+async def prepare(cfg: Config, dsn: str) -> str | None:
+    """Migrations, config sync, demo user. Returns a demo key when one was created."""
+    import asyncpg
+
+    from accounting import migrate, pricing, store
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.apply(conn)
+        await store.sync_config_channels(conn, cfg.channels)
+        await pricing.sync_config_prices(conn, cfg.prices)
+        for g in cfg.groups:
+            await conn.execute(
+                "INSERT INTO groups (name, multiplier, models) VALUES ($1, $2, $3)"
+                " ON CONFLICT (name) DO UPDATE SET multiplier = EXCLUDED.multiplier,"
+                " models = EXCLUDED.models"
+                " WHERE groups.multiplier IS DISTINCT FROM EXCLUDED.multiplier"
+                " OR groups.models IS DISTINCT FROM EXCLUDED.models",
+                g.name, g.multiplier, list(g.models),
+            )
+        if cfg.demo.create_demo_user and await conn.fetchval("SELECT count(*) FROM users") == 0:
+            from accounting.money import parse_usd
+
+            user_id = await store.create_user(conn, "demo", parse_usd(cfg.demo.demo_balance))
+            _, secret = await store.create_key(conn, user_id, name="demo")
+            return secret
+    finally:
+        await conn.close()
+    return None
+
+
+def _start_mock(cfg: Config) -> subprocess.Popen[bytes] | None:
+    if not cfg.demo.mock_upstream:
+        return None
+    os.environ.setdefault("MOCK_UPSTREAM_KEY", "mock-upstream-key")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1",
+         "--port", str(cfg.demo.mock_port)],
+        cwd=str(root),
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", cfg.demo.mock_port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"tollway: the mock upstream exited (code {proc.returncode})")
+            time.sleep(0.05)
+    proc.terminate()
+    raise SystemExit("tollway: the mock upstream did not start within 10 s")
+
+
+def run(cfg: Config) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from limits.admission import check_workers
+
+    problem = check_workers(cfg.limits, cfg.server.workers)
+    if problem:
+        print(f"tollway: {problem}", file=sys.stderr)
+        return 2
+    from accounting.db import resolve_dsn
+
+    dsn, embedded = resolve_dsn(cfg)
+    mock = None
+    try:
+        demo_key = asyncio.run(prepare(cfg, dsn))
+        if demo_key:
+            key_file = cfg.data_dir / "demo-key"
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(demo_key + "\n")
+            key_file.chmod(0o600)
+            print(f"tollway: created user 'demo'; demo key (shown once, also in {key_file}):\n"
+                  f"  {demo_key}", flush=True)
+        mock = _start_mock(cfg)
+        print(f"tollway: listening on http://{cfg.server.host}:{cfg.server.port} "
+              f"({cfg.server.workers} worker{'s' if cfg.server.workers > 1 else ''})", flush=True)
+        if cfg.server.workers == 1:
+            sock = bind_socket(cfg.server.host, cfg.server.port, reuse_port=True)
+            worker_main(cfg, dsn, 0, sock)
+            return 0
+        return _supervise(cfg, dsn)
+    finally:
+        if mock is not None:
+            mock.terminate()
+            try:
+                mock.wait(5)
+            except subprocess.TimeoutExpired:
+                mock.kill()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _supervise(cfg: Config, dsn: str) -> int:
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                sock = bind_socket(cfg.server.host, cfg.server.port, reuse_port=True)
+                worker_main(cfg, dsn, index, sock)
+            except BaseException:
+                log.exception("worker %d failed", index)
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(cfg.server.workers):
+        spawn(i)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        if not stopping:
+            log.warning("worker %d (pid %d) exited with status %d; restarting", index, pid, status)
+            time.sleep(0.2)
+            spawn(index)
+    return 0
+
+
+# --- worker ---------------------------------------------------------------------------
+
+
+def worker_main(cfg: Config, dsn: str, index: int, sock: socket.socket) -> None:
+    import uvloop
+
+    uvloop.run(_worker(cfg, dsn, index, sock))
+
+
+async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket) -> None:
+    from relay.worker import Worker
+
+    worker = Worker(cfg, dsn, index)
+    await worker.start(sock)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await worker.stop()

@@ -1,0 +1,224 @@
+"""One worker's life: build the gateway's components, serve, keep caches fresh, drain.
+
+The background sync runs every `SYNC_INTERVAL` seconds off the request path: keys,
+groups and prices whose version moved, and the balances of users and keys that
+changed, which it hands to the limiter as snapshots. Snapshots and the flusher's
+`on_flushed` deltas are applied in the same event loop, one after the other, and a
+snapshot is only applied when no flush committed while it was being read, so the
+limiter's view of each balance is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from fractions import Fraction
+from typing import Any
+
+from accounting import pricing, tokens
+from accounting.db import create_pool
+from accounting.ledger import open_ledger
+from accounting.money import parse_multiplier
+from limits.admission import Limiter, anthropic_headers
+from relay import errors as E
+from relay.app import Gateway
+from relay.config import Config
+from relay.httpserver import ServerState, drain, make_factory
+from relay.metrics import Metrics, gauge
+
+log = logging.getLogger("tollway.worker")
+SYNC_INTERVAL = 0.5
+
+_BY_STATUS: dict[int, type[E.GatewayError]] = {
+    400: E.InvalidRequest, 404: E.NotFound, 405: E.MethodNotAllowed, 413: E.RequestTooLarge,
+}
+
+
+def error_body(status: int, message: str, req: Any) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Errors raised while parsing HTTP, before any route ran, in the route's shape."""
+    cls = _BY_STATUS.get(status, E.InvalidRequest)
+    exc = cls(message, status=status)
+    proto = E.OPENAI
+    if req is not None and req.path.startswith(b"/v1/messages"):
+        proto = E.ANTHROPIC
+    return E.render(exc, proto), [(b"content-type", b"application/json")]
+
+
+class Worker:
+    def __init__(self, cfg: Config, dsn: str, index: int = 0, *,
+                 with_limits: bool = True, with_ledger: bool = True) -> None:
+        self.cfg = cfg
+        self.dsn = dsn
+        self.index = index
+        self.with_limits = with_limits
+        self.with_ledger = with_ledger
+        self.gw: Gateway | None = None
+        self.state: ServerState | None = None
+        self.server: asyncio.base_events.Server | None = None
+        self.flusher: Any = None
+        self.db: Any = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._flush_epoch = 0
+        self._user_version = 0
+        self._group_version = 0
+        self._price_version = 0
+        self.port = 0
+
+    async def start(self, sock: socket.socket) -> None:
+        cfg = self.cfg
+        tokens.load()
+        self.db = db = await create_pool(self.dsn, cfg.database.pool_min, cfg.database.pool_max)
+        pricebook = pricing.PriceBook()
+        limiter = None
+        if self.with_limits:
+            limiter = Limiter(cfg.limits, workers=cfg.server.workers, loader=self._load_budget)
+            await limiter.start()
+        ledger = None
+        if self.with_ledger:
+            journal_dir = cfg.ledger.journal_dir or str(cfg.data_dir / "journal")
+            ledger, self.flusher = open_ledger(cfg.ledger, journal_dir, self.dsn,
+                                               on_flushed=self._on_flushed,
+                                               name=f"worker-{self.index}")
+            self.flusher.start()
+        metrics = None
+        if cfg.metrics.enabled:
+            metrics = Metrics(cfg.data_dir / "metrics", cfg.metrics.token)
+        gw = self.gw = Gateway(cfg, limiter=limiter, ledger=ledger, metrics=metrics,
+                               pricebook=pricebook)
+        gw.db = db
+        gw.keys.pool = db
+        if limiter is not None:
+            gw.anthropic_headers = anthropic_headers  # type: ignore[attr-defined]
+        await self._sync_once()
+        if metrics is not None:
+            names = [m for m, _ in gw.router.listed_models()] + pricebook.models()
+            metrics.known_models(names)
+            metrics.gauges.append(self._gauges)
+        self.state = ServerState(
+            gw.handle,
+            max_body=cfg.server.max_body_bytes,
+            max_header=cfg.server.max_header_bytes,
+            header_timeout=cfg.server.header_timeout_s,
+            keepalive_timeout=cfg.server.keepalive_timeout_s,
+            error_body=error_body,
+        )
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(make_factory(self.state), sock=sock, backlog=4096)
+        self.port = sock.getsockname()[1]
+        self._sync_task = loop.create_task(self._sync_loop(), name="sync")
+
+    async def stop(self) -> None:
+        """Drain: stop accepting, let in-flight finish within the grace, flush, close."""
+        if self.server is not None:
+            self.server.close()
+        if self.state is not None:
+            await drain(self.state, self.cfg.server.drain_grace_s)
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            try:
+                await self._sync_task
+            except asyncio.CancelledError:
+                pass
+        if self.flusher is not None:
+            await self.flusher.stop(timeout=30)
+        if self.gw is not None:
+            self.gw.pool.close()
+            if self.gw.limiter is not None:
+                await self.gw.limiter.close()
+            if self.gw.metrics is not None and self.gw.metrics.snapshot_dir is not None:
+                (self.gw.metrics.snapshot_dir / f"{os.getpid()}.json").unlink(missing_ok=True)
+        if self.db is not None:
+            await self.db.close()
+
+    # --- background sync -------------------------------------------------------------
+
+    def _on_flushed(self, user_deltas: dict[int, int], key_deltas: dict[int, int]) -> None:
+        self._flush_epoch += 1
+        if self.gw is not None and self.gw.limiter is not None:
+            self.gw.limiter.on_flushed(user_deltas, key_deltas)
+
+    async def _load_budget(self, user_id: int, key_id: int) -> tuple[int, int]:
+        row = await self.db.fetchrow(
+            "SELECT u.balance_nano, k.spent_nano FROM keys k JOIN users u ON u.id = k.user_id"
+            " WHERE k.id = $1", key_id)
+        if row is None:
+            bal = await self.db.fetchval("SELECT balance_nano FROM users WHERE id = $1", user_id)
+            return int(bal or 0), 0
+        return int(row[0]), int(row[1])
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            try:
+                await self._sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Postgres away: keep serving from the caches
+                log.warning("cache sync failed: %s", exc)
+            if self.gw is not None and self.gw.metrics is not None:
+                try:
+                    self.gw.metrics.write_snapshot()
+                except OSError as exc:
+                    log.warning("metrics snapshot failed: %s", exc)
+
+    async def _sync_once(self) -> None:
+        gw = self.gw
+        assert gw is not None
+        db = self.db
+        await gw.keys.refresh(db)
+        rows = await db.fetch(
+            "SELECT name, multiplier, models, version FROM groups WHERE version > $1",
+            self._group_version)
+        for r in rows:
+            try:
+                mult = parse_multiplier(r["multiplier"])
+            except ValueError:
+                log.warning("group %s has an invalid multiplier %r; using 1", r["name"], r["multiplier"])
+                mult = Fraction(1)
+            gw.groups.set(r["name"], mult, tuple(r["models"]))
+            self._group_version = max(self._group_version, r["version"])
+        prices = await pricing.load_since(db, self._price_version)
+        if prices:
+            gw.pricebook.apply(prices)
+            self._price_version = max(p.version for p in prices)
+        limiter = gw.limiter
+        if limiter is None:
+            return
+        epoch = self._flush_epoch
+        async with db.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            users = await conn.fetch(
+                "SELECT id, balance_nano, version FROM users WHERE version > $1",
+                self._user_version)
+            keys = await conn.fetch(
+                "SELECT id, spent_nano FROM keys WHERE id = ANY($1::bigint[])",
+                list(limiter.keys))
+        if epoch != self._flush_epoch:
+            return  # a flush committed meanwhile: this snapshot may predate it; next round
+        for r in users:
+            limiter.apply_user_snapshot(r["id"], r["balance_nano"])
+            self._user_version = max(self._user_version, r["version"])
+        for r in keys:
+            limiter.apply_key_snapshot(r["id"], r["spent_nano"])
+
+    def _gauges(self) -> Any:
+        gw = self.gw
+        assert gw is not None
+        g = gauge("tollway_in_flight_requests", "Model requests in flight in this scrape's workers")
+        g.add_metric([], gw.in_flight)
+        yield g
+        if self.flusher is not None:
+            for name, value in self.flusher.stats().items():
+                m = gauge(f"tollway_ledger_{name}", f"Ledger flusher: {name.replace('_', ' ')}")
+                m.add_metric([], value)
+                yield m
+        if gw.limiter is not None:
+            d = gauge("tollway_limit_denials", "Admission denials by reason (this worker)", ["reason"])
+            for reason, n in sorted(gw.limiter.denials.items()):
+                d.add_metric([reason], n)
+            yield d
+        ch = gauge("tollway_channel_up", "1 when the channel's breaker is closed", ["channel"])
+        for c in gw.router.channels:
+            ch.add_metric([c.name], 1 if c.breaker.state == 0 else 0)
+        yield ch
