@@ -158,43 +158,63 @@ class PriceBook:
 # --- cost ---------------------------------------------------------------------------
 
 
-def _weighted(usage: Usage, price: PriceRow) -> int:
-    """Sum over classes of tokens * nano-per-1M: the cost in nano-USD times 1_000_000."""
-    total = (
+def cost(usage: Usage, price: PriceRow, multiplier: Fraction) -> tuple[int, Fraction]:
+    """(cost in nano-USD rounded once half up, the exact cost as a Fraction of nano-USD).
+
+    exact = sum(tokens * price_per_1M) / 1_000_000 * multiplier. The rounding runs on
+    integers and exactly one Fraction is built, from two ints (Fraction's cheapest
+    constructor; Fraction arithmetic costs several times more). The common case,
+    multiplier 1 and a whole number of nano-USD, skips the gcd as well.
+    """
+    if type(multiplier) is not Fraction:
+        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    weighted = (
         usage.input * price.input
         + usage.output * price.output
         + usage.cache_read * price.cache_read
         + usage.cache_write * price.cache_write
     )
-    if type(total) is not int:
+    if type(weighted) is not int:
         raise TypeError(f"token counts must be ints, got {usage!r}")
-    return total
-
-
-def cost(usage: Usage, price: PriceRow, multiplier: Fraction) -> tuple[int, Fraction]:
-    """(cost in nano-USD rounded once half up, the exact cost as a Fraction of nano-USD).
-
-    exact = sum(tokens * price_per_1M) / 1_000_000 * multiplier. The rounding runs on
-    integers; one Fraction is built for the exact value (the common case, multiplier 1
-    and a whole number of nano-USD, builds it from an int, the cheapest form).
-    """
-    if type(multiplier) is not Fraction:
-        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
-    weighted = _weighted(usage, price)
-    if multiplier == 1:
+    mn = multiplier.numerator
+    md = multiplier.denominator
+    if mn == md:  # multiplier 1 (a Fraction is always in lowest terms)
         q, r = divmod(weighted, TOKENS_PER_PRICE_UNIT)
         if not r:
             if q > MAX_NANO:
                 check_nano(q, "cost")
-            return q, Fraction(q)
+            return q, Fraction(q, 1)
         num, den = weighted, TOKENS_PER_PRICE_UNIT
     else:
-        num = weighted * multiplier.numerator
-        den = TOKENS_PER_PRICE_UNIT * multiplier.denominator
+        num = weighted * mn
+        den = TOKENS_PER_PRICE_UNIT * md
     nano = (2 * num + den) // (2 * den)
     if nano > MAX_NANO:
         check_nano(nano, "cost")
     return nano, Fraction(num, den)
+
+
+def cost_nano(usage: Usage, price: PriceRow, multiplier: Fraction) -> int:
+    """`cost(...)[0]` without building the exact Fraction: integers only, for settlement.
+
+    The usage row stores only the rounded cost; the exact value is for explanations,
+    which recompute it with `cost` or `explain` from the row's usage and price version.
+    """
+    if type(multiplier) is not Fraction:
+        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    weighted = (
+        usage.input * price.input
+        + usage.output * price.output
+        + usage.cache_read * price.cache_read
+        + usage.cache_write * price.cache_write
+    )
+    if type(weighted) is not int:
+        raise TypeError(f"token counts must be ints, got {usage!r}")
+    den = TOKENS_PER_PRICE_UNIT * multiplier.denominator
+    nano = (2 * weighted * multiplier.numerator + den) // (2 * den)
+    if nano > MAX_NANO:
+        check_nano(nano, "cost")
+    return nano
 
 
 def estimate_max_cost(input_tokens: int, max_output: int, price: PriceRow, multiplier: Fraction) -> int:

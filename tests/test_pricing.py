@@ -19,6 +19,7 @@ from accounting.pricing import (
     PriceRow,
     UnknownPrice,
     cost,
+    cost_nano,
     estimate_max_cost,
     explain,
     history,
@@ -111,6 +112,16 @@ def test_cost_uses_every_class() -> None:
     assert cost(usage, price, Fraction(4, 5))[0] == nano * 4 // 5
 
 
+def test_cost_nano_is_the_rounded_cost() -> None:
+    assert cost_nano(Usage(input=1), row(input="0.15"), ONE) == 150
+    assert cost_nano(Usage(input=1), row(input="0.0005"), ONE) == 1  # 0.5 -> 1, half up
+    assert cost_nano(Usage(input=1), row(input="0.0005"), Fraction(2, 3)) == 0
+    with pytest.raises(TypeError):
+        cost_nano(Usage(input=1), row(input="1"), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        cost_nano(Usage(input=2_000_000), row(input="9223372036"), ONE)
+
+
 def test_cost_refuses_floats() -> None:
     with pytest.raises(TypeError, match="multiplier"):
         cost(Usage(input=1), row(input="1"), 1.0)  # type: ignore[arg-type]
@@ -141,6 +152,7 @@ def test_cost_matches_exact_reference(tokens: tuple[int, ...], prices: tuple[int
     reference = sum(Fraction(t * p, 1_000_000) for t, p in zip(tokens, prices, strict=True)) * mult
     nano, exact = cost(usage, price, mult)
     assert exact == reference
+    assert cost_nano(usage, price, mult) == nano
     assert nano == round_nano(reference)
     assert abs(nano - reference) <= Fraction(1, 2)
     # the reservation for the same tokens, all input at the dearest input class, covers it
