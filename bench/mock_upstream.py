@@ -9,8 +9,31 @@ repeated stream event once, paces streams with `call_later` chains and stops wri
 the transport's buffer is above its high-water mark. It keeps counters, never logs per
 request, and never serves anything but loopback test traffic.
 
-What a request gets is steered by its `"mock"` body object or `x-mock-*` headers (see
-`bench.mock_shapes.Options`); the bodies themselves are rendered by `bench.mock_shapes`.
+What a request gets is steered by its `"mock"` body object or `x-mock-<key-with-dashes>`
+headers (the body wins); the bodies themselves are rendered by `bench.mock_shapes`:
+
+  chunks (5)            content deltas (or tool-argument deltas) to emit
+  chunk_size (6)        bytes per delta, "hello " repeated; chunk_text overrides the text
+  tokens_per_chunk (1)  output tokens = emitted deltas * tokens_per_chunk + reasoning_tokens
+  input_tokens          whole-prompt tokens; default max(1, len(compact JSON of
+                        messages+input+prompt+system) // 4)
+  cached_tokens (0)     OpenAI: inside prompt_tokens; Anthropic: cache_read_input_tokens,
+                        and input_tokens = input - cached - cache_write
+  cache_write_tokens (0) Anthropic cache_creation_input_tokens
+  reasoning_tokens (0)  inside completion/output tokens
+  ttfb_ms, delay_ms (0) delay before the response head / between stream parts
+  status                answer with this status and the provider's error body
+                        (429 carries retry-after: retry_after, default 1)
+  fail                  reset | hang | stall | close, after fail_after (2) stream parts;
+                        a non-stream body is cut after half its bytes
+  tool_call (false)     call the request's first tool (also when the last user message
+                        says "use the tool")
+  no_usage (false)      omit usage everywhere
+max_tokens / max_completion_tokens / max_output_tokens cut the output: finish_reason
+"length", stop_reason "max_tokens", Responses status "incomplete", and the output tokens
+reported equal the limit.
+
+GET /_mock/stats returns `Stats.as_dict()`; POST /_mock/reset clears it. Neither needs a key.
 """
 
 from __future__ import annotations
@@ -161,7 +184,7 @@ class _Job:
         conn = self.conn
         parts = self.parts
         while self.i < len(parts):
-            if conn.closed:
+            if conn.closed or conn.transport.is_closing():
                 return
             if conn.write_paused:
                 self.waiting = True

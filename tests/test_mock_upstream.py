@@ -674,8 +674,20 @@ def test_cli_workers_and_sigterm():
                         seen.add((await resp.json())["id"][9:19])
             return seen
 
+        async def reset() -> bytes:
+            reader, writer = await raw_request(port, {**STREAM, "mock": {"fail": "reset"}})
+            got = b""
+            try:
+                while chunk := await reader.read(65536):
+                    got += chunk
+            finally:
+                writer.close()
+            return got
+
         prefixes = asyncio.run(hit())
         assert len(prefixes) == 2  # both workers answered (per-process id prefix)
+        with pytest.raises(ConnectionResetError):  # RST under uvloop too
+            asyncio.run(reset())
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
