@@ -36,7 +36,7 @@ INT_KEYS = frozenset(
 FLOAT_KEYS = frozenset({"ttfb_ms", "delay_ms"})
 STR_KEYS = frozenset({"chunk_text", "fail"})
 BOOL_KEYS = frozenset({"tool_call", "no_usage"})
-FAIL_MODES = frozenset({"reset", "hang", "stall", "close"})
+FAIL_MODES = frozenset({"reset", "hang", "stall", "close", "error"})
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini", "text-embedding-3-small",
           "claude-sonnet-4-6", "claude-haiku-4-5", "claude-opus-4-1")

@@ -24,8 +24,10 @@ headers (the body wins); the bodies themselves are rendered by `bench.mock_shape
   ttfb_ms, delay_ms (0) delay before the response head / between stream parts
   status                answer with this status and the provider's error body
                         (429 carries retry-after: retry_after, default 1)
-  fail                  reset | hang | stall | close, after fail_after (2) stream parts;
-                        a non-stream body is cut after half its bytes
+  fail                  reset | hang | stall | close | error, after fail_after (2) stream
+                        parts; a non-stream body is cut after half its bytes. "error" ends
+                        a stream cleanly with the provider's in-stream error event (a 500
+                        error body when not streaming)
   tool_call (false)     call the request's first tool (also when the last user message
                         says "use the tool")
   no_usage (false)      omit usage everywhere
@@ -68,6 +70,11 @@ _BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconten
                 b"connection: close\r\n\r\nbad request")
 _RST_LINGER = struct.pack("ii", 1, 0)
 _HIGH_WATER = 64 * 1024
+# What providers send when a stream fails after it started (then they end the body).
+_STREAM_ERROR_OPENAI = shapes.sse_data(
+    b'{"error":{"message":"mock: injected error","type":"server_error","param":null,"code":null}}')
+_STREAM_ERROR_ANTHROPIC = shapes.sse_event(
+    b"error", b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}')
 _MAX_PIPELINED = 16
 
 
@@ -219,7 +226,10 @@ class _Job:
             self.state = _STALLED
             return
         self.state = _FAULTED
-        if self.fail == "reset":
+        if self.fail == "error":
+            transport.write(self.tail)  # the error event, then the last chunk
+            self.conn.job_done(self)
+        elif self.fail == "reset":
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 # SO_LINGER 0: close() sends RST instead of FIN.
@@ -386,7 +396,7 @@ def _plain(conn: _Conn, req: _Request, status: int, body: bytes, anthropic: bool
     if opts is None:
         return _Job(conn, head, [body], b"", stream=False, keep_alive=req.keep_alive)
     parts = [body]
-    if opts.fail in ("reset", "close", "stall"):
+    if opts.fail in ("reset", "close", "stall"):  # "error" never gets here
         # A non-stream fault cuts the body in half: headers and half the bytes arrive.
         half = len(body) // 2
         parts = [body[:half], body[half:]]
@@ -479,6 +489,8 @@ def _respond(conn: _Conn, req: _Request) -> _Job:
         if opts.status is not None and opts.status >= 400 and opts.fail != "hang":
             return _error(conn, req, opts.status, f"mock: status {opts.status} as requested",
                           anthropic, opts)
+        if opts.fail == "error" and body.get("stream") is not True:
+            return _error(conn, req, 500, "mock: injected error", anthropic, opts)
         if route == "/v1/embeddings":
             return _plain(conn, req, 200, shapes.embeddings(body, opts), False, opts=opts)
         if route == "/v1/messages/count_tokens":
@@ -499,7 +511,10 @@ def _respond(conn: _Conn, req: _Request) -> _Job:
         if ev is not prev_raw:  # repeated events are the same object: frame them once
             prev_raw, prev = ev, _chunk(ev)
         framed.append(prev)
-    return _Job(conn, head, framed, _LAST_CHUNK, stream=True, keep_alive=req.keep_alive,
+    tail = _LAST_CHUNK
+    if opts.fail == "error":
+        tail = _chunk(_STREAM_ERROR_ANTHROPIC if anthropic else _STREAM_ERROR_OPENAI) + tail
+    return _Job(conn, head, framed, tail, stream=True, keep_alive=req.keep_alive,
                 ttfb=opts.ttfb_ms / 1000, delay=opts.delay_ms / 1000, fail=opts.fail,
                 fail_after=opts.fail_after)
 

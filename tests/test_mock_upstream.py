@@ -515,6 +515,34 @@ async def test_fail_close_ends_without_last_chunk(mock: MockServer, http: aiohtt
     assert 0 < len(body) < length
 
 
+async def test_fail_error_event_mid_stream(oai: openai.AsyncOpenAI,
+                                          ant: anthropic.AsyncAnthropic, mock: MockServer,
+                                          http: aiohttp.ClientSession):
+    stream = await oai.chat.completions.create(model="m", messages=MESSAGES, stream=True,  # type: ignore[arg-type]
+                                               extra_body={"mock": {"fail": "error"}})
+    seen = 0
+    with pytest.raises(openai.APIError, match="injected"):
+        async for _ in stream:
+            seen += 1
+    assert seen == 2
+    with pytest.raises(anthropic.APIStatusError) as exc:
+        async with ant.messages.stream(model="c", max_tokens=9, messages=MESSAGES[1:],  # type: ignore[arg-type]
+                                       extra_headers={"x-mock-fail": "error",
+                                                      "x-mock-fail-after": "3"}) as events:
+            async for _ in events:
+                pass
+    assert "overloaded_error" in str(exc.value.body)
+    # The body ends cleanly (last chunk sent) and the connection stays usable.
+    async with http.post(mock.url + "/v1/messages", headers=AUTH, data=orjson.dumps(
+            {**STREAM, "max_tokens": 9, "mock": {"fail": "error", "fail_after": 1}})) as resp:
+        events = sse(await resp.read())
+    assert [n for n, _ in events] == ["message_start", "error"]
+    status, _, raw = await post(http, mock, "/v1/messages", {
+        "model": "m", "messages": MESSAGES, "max_tokens": 9, "mock": {"fail": "error"}})
+    assert status == 500 and orjson.loads(raw)["error"]["type"] == "api_error"
+    assert mock.stats.streams_completed == 0 and mock.stats.faults_injected == 3
+
+
 async def test_fail_stall_then_client_gives_up(mock: MockServer):
     reader, writer = await raw_request(mock.port, {**STREAM, "mock": {"fail": "stall",
                                                                       "fail_after": 1}})
