@@ -1,0 +1,180 @@
+"""Usage reports: one request's row and bill, spend over time, per-model totals, and the
+request log, for the CLI and the admin API.
+
+Totals come from `usage_hourly` (kept by the flusher) so they stay fast on tens of
+millions of rows; only single-row lookups and the paged request log touch `usage_log`,
+always through an index. Read-only: this module never writes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from fractions import Fraction
+from typing import Any
+
+import asyncpg
+
+from accounting import pricing
+from accounting.records import Usage
+
+_LOG_COLS = (
+    "request_id, ts, user_id, key_id, group_name, model, upstream_model, channel, protocol,"
+    " route, stream, status, error_code, input_tokens, output_tokens, cache_read_tokens,"
+    " cache_write_tokens, reasoning_tokens, usage_source, cost_nano, price_version, latency_ms,"
+    " ttfb_ms, attempts, channels_tried, client_request_id, client_ip, plan_id"
+)
+_SUMS = (
+    "sum(requests)::bigint AS requests, sum(errors)::bigint AS errors,"
+    " sum(input_tokens)::bigint AS input_tokens, sum(output_tokens)::bigint AS output_tokens,"
+    " sum(cache_read_tokens)::bigint AS cache_read_tokens,"
+    " sum(cache_write_tokens)::bigint AS cache_write_tokens,"
+    " sum(reasoning_tokens)::bigint AS reasoning_tokens, sum(cost_nano)::bigint AS cost_nano,"
+    " (sum(latency_ms_sum) / nullif(sum(requests), 0))::bigint AS avg_latency_ms,"
+    " (sum(ttfb_ms_sum) / nullif(sum(requests), 0))::bigint AS avg_ttfb_ms"
+)
+BUCKETS = ("hour", "day")
+
+
+def _row_dict(r: asyncpg.Record) -> dict[str, Any]:
+    d = dict(r)
+    d["group"] = d.pop("group_name")
+    return d
+
+
+async def usage_row(conn: asyncpg.Connection, request_id: str) -> dict[str, Any] | None:
+    """The usage row for a gateway request id, else for a client's own request id."""
+    r = await conn.fetchrow(
+        f"SELECT {_LOG_COLS} FROM usage_log WHERE request_id = $1 ORDER BY ts DESC LIMIT 1",
+        request_id)
+    if r is None and request_id:
+        r = await conn.fetchrow(
+            f"SELECT {_LOG_COLS} FROM usage_log WHERE client_request_id = $1"
+            " AND client_request_id <> '' ORDER BY ts DESC LIMIT 1", request_id)
+    return None if r is None else _row_dict(r)
+
+
+def explain(
+    row: dict[str, Any], price: pricing.PriceRow, multiplier: Fraction = Fraction(1)
+) -> dict[str, Any]:
+    """The bill of a logged request: tokens × its price version × multiplier, the rounding,
+    and whether that reproduces the cost actually charged.
+
+    `multiplier` is the group's; the row does not keep it, so pass the one in force then
+    (a changed multiplier shows up here as `matches_charged: false`).
+    """
+    usage = Usage(
+        input=row["input_tokens"], output=row["output_tokens"],
+        cache_read=row["cache_read_tokens"], cache_write=row["cache_write_tokens"],
+        reasoning=row["reasoning_tokens"],
+    )
+    out = pricing.explain(usage, price, multiplier)
+    out["request_id"] = row["request_id"]
+    out["usage_source"] = row["usage_source"]
+    out["charged_nano"] = row["cost_nano"]
+    out["matches_charged"] = out["cost_nano"] == row["cost_nano"]
+    if price.version != row["price_version"]:
+        out["warning"] = (f"row was priced with version {row['price_version']},"
+                          f" explained with version {price.version}")
+    return out
+
+
+def _filters(start: datetime | None, end: datetime | None, col: str, **eq: Any) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if start is not None:
+        args.append(start)
+        where.append(f"{col} >= ${len(args)}")
+    if end is not None:
+        args.append(end)
+        where.append(f"{col} < ${len(args)}")
+    for name, value in eq.items():
+        if value is not None:
+            args.append(value)
+            where.append(f"{name} = ${len(args)}")
+    return (" WHERE " + " AND ".join(where)) if where else "", args
+
+
+async def spend_series(
+    conn: asyncpg.Connection,
+    start: datetime,
+    end: datetime,
+    bucket: str = "hour",
+    user_id: int | None = None,
+    key_id: int | None = None,
+    model: str | None = None,
+    group: str | None = None,
+) -> list[dict[str, Any]]:
+    """Requests, errors, tokens and cost per hour or day (UTC) in [start, end)."""
+    if bucket not in BUCKETS:
+        raise ValueError(f"bucket: expected one of {', '.join(BUCKETS)}, got {bucket!r}")
+    where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id, model=model,
+                           group_name=group)
+    rows = await conn.fetch(
+        f"SELECT date_trunc('{bucket}', hour, 'UTC') AS bucket, {_SUMS}"
+        f" FROM usage_hourly{where} GROUP BY 1 ORDER BY 1", *args)
+    return [dict(r) for r in rows]
+
+
+async def per_model(
+    conn: asyncpg.Connection,
+    start: datetime,
+    end: datetime,
+    user_id: int | None = None,
+    key_id: int | None = None,
+    group: str | None = None,
+) -> list[dict[str, Any]]:
+    """Totals per model in [start, end), dearest first."""
+    where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id, group_name=group)
+    rows = await conn.fetch(
+        f"SELECT model, {_SUMS} FROM usage_hourly{where} GROUP BY model"
+        " ORDER BY cost_nano DESC, model", *args)
+    return [dict(r) for r in rows]
+
+
+def _cursor(r: dict[str, Any]) -> str:
+    return f"{r['ts'].isoformat()}|{r['request_id']}"
+
+
+async def request_log(
+    conn: asyncpg.Connection,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    user_id: int | None = None,
+    key_id: int | None = None,
+    model: str | None = None,
+    group: str | None = None,
+    status: int | None = None,
+    errors_only: bool = False,
+    limit: int = 50,
+    before_cursor: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest requests first, one page: (rows, cursor of the next page or None).
+
+    Keyset pagination on (ts, request_id): a page costs the same at row 10 and row 10M.
+    """
+    limit = max(1, min(limit, 1000))
+    where, args = _filters(start, end, "ts", user_id=user_id, key_id=key_id, model=model,
+                           group_name=group, status=status)
+    clauses = [where[len(" WHERE "):]] if where else []
+    if errors_only:
+        clauses.append("(status >= 400 OR error_code <> '')")
+    if before_cursor:
+        ts_text, sep, rid = before_cursor.partition("|")
+        try:
+            ts = datetime.fromisoformat(ts_text)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"before_cursor: not a cursor returned by request_log: {before_cursor!r}")
+        args += [ts, rid]
+        clauses.append(f"(ts, request_id) < (${len(args) - 1}, ${len(args)})")
+    sql = f"SELECT {_LOG_COLS} FROM usage_log"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    args.append(limit + 1)
+    sql += f" ORDER BY ts DESC, request_id DESC LIMIT ${len(args)}"
+    rows = [_row_dict(r) for r in await conn.fetch(sql, *args)]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (_cursor(rows[-1]) if more and rows else None)
