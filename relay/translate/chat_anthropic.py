@@ -42,7 +42,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from relay.translate.common import JSON, TranslationError, dumps_str, loads_object, new_id
+from accounting.records import Usage
+from relay.translate.common import (
+    JSON,
+    TranslationError,
+    dumps_str,
+    loads_object,
+    new_id,
+    openai_usage_from,
+    usage_from_openai,
+)
 
 DEFAULT_MAX_TOKENS = 4096
 MIN_THINKING_BUDGET = 1024
@@ -408,20 +417,21 @@ def anthropic_response_to_openai_chat(resp: JSON, model: str, created: int | Non
     }
 
 
+def anthropic_usage_from(usage: JSON) -> Usage:
+    """Anthropic usage (input already excludes cache reads and writes) as accounting's Usage."""
+    details = usage.get("output_tokens_details") or {}
+    return Usage(
+        input=usage.get("input_tokens") or 0,
+        output=usage.get("output_tokens") or 0,
+        cache_read=usage.get("cache_read_input_tokens") or 0,
+        cache_write=usage.get("cache_creation_input_tokens") or 0,
+        reasoning=details.get("thinking_tokens") or 0,
+    )
+
+
 def anthropic_usage_to_openai(usage: JSON) -> JSON:
     """Anthropic usage (input excludes cache) as OpenAI usage (prompt includes cache)."""
-    cache_read = usage.get("cache_read_input_tokens") or 0
-    cache_write = usage.get("cache_creation_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cache_read + cache_write
-    completion = usage.get("output_tokens") or 0
-    details = usage.get("output_tokens_details") or {}
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cache_read},
-        "completion_tokens_details": {"reasoning_tokens": details.get("thinking_tokens") or 0},
-    }
+    return openai_usage_from(anthropic_usage_from(usage))
 
 
 # ---------------------------------------------------------------- Anthropic -> OpenAI chat
@@ -591,15 +601,19 @@ def anthropic_to_openai_chat_request(body: JSON, upstream_model: str) -> JSON:
     return req
 
 
-def openai_usage_to_anthropic(usage: JSON) -> JSON:
-    """OpenAI usage (prompt includes cached) as Anthropic usage (input excludes cache)."""
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+def anthropic_usage_of(usage: Usage) -> JSON:
+    """accounting's Usage as Anthropic usage."""
     return {
-        "input_tokens": max((usage.get("prompt_tokens") or 0) - cached, 0),
-        "output_tokens": usage.get("completion_tokens") or 0,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
+        "input_tokens": usage.input,
+        "output_tokens": usage.output,
+        "cache_creation_input_tokens": usage.cache_write,
+        "cache_read_input_tokens": usage.cache_read,
     }
+
+
+def openai_usage_to_anthropic(usage: JSON) -> JSON:
+    """OpenAI usage (prompt includes cache) as Anthropic usage (input excludes cache)."""
+    return anthropic_usage_of(usage_from_openai(usage))
 
 
 def openai_chat_response_to_anthropic(resp: JSON, model: str) -> JSON:

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from accounting.records import Usage
+
 JSON = dict[str, Any]
 
 OPENAI_DONE = b"data: [DONE]\n\n"
@@ -58,3 +60,37 @@ def loads_object(raw: str | bytes | None) -> JSON | None:
 
 def dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def usage_from_openai(usage: JSON) -> Usage:
+    """OpenAI usage (chat or Responses names) as accounting's Usage: `input` excludes the
+    cached and cache-written tokens that OpenAI counts inside the prompt."""
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        prompt = usage.get("input_tokens") or 0
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    cache_read = details.get("cached_tokens") or 0
+    cache_write = details.get("cache_write_tokens") or 0
+    output = usage.get("completion_tokens")
+    if output is None:
+        output = usage.get("output_tokens") or 0
+    out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+    return Usage(
+        input=max(prompt - cache_read - cache_write, 0),
+        output=output,
+        cache_read=cache_read,
+        cache_write=cache_write,
+        reasoning=out_details.get("reasoning_tokens") or 0,
+    )
+
+
+def openai_usage_from(usage: Usage) -> JSON:
+    """accounting's Usage as OpenAI chat usage (the prompt counts cached and cache-written tokens)."""
+    prompt = usage.input + usage.cache_read + usage.cache_write
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage.output,
+        "total_tokens": prompt + usage.output,
+        "prompt_tokens_details": {"cached_tokens": usage.cache_read, "cache_write_tokens": usage.cache_write},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning},
+    }

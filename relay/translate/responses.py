@@ -22,7 +22,7 @@ from relay.translate.chat_anthropic import (
     anthropic_response_to_openai_chat,
     openai_chat_to_anthropic_request,
 )
-from relay.translate.common import JSON, TranslationError, new_id
+from relay.translate.common import JSON, TranslationError, new_id, usage_from_openai
 
 
 def _chat_part(part: JSON, param: str) -> JSON:
@@ -160,18 +160,14 @@ def responses_to_anthropic_request(body: JSON, upstream_model: str) -> JSON:
 
 def chat_usage_to_responses(usage: JSON) -> JSON:
     """Chat completions usage as Responses usage (both count cached tokens inside input)."""
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
+    u = usage_from_openai(usage)
+    prompt = u.input + u.cache_read + u.cache_write
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        },
-        "output_tokens": completion,
-        "output_tokens_details": {
-            "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
-        },
-        "total_tokens": prompt + completion,
+        "input_tokens_details": {"cached_tokens": u.cache_read, "cache_write_tokens": u.cache_write},
+        "output_tokens": u.output,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning},
+        "total_tokens": prompt + u.output,
     }
 
 

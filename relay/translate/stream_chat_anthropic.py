@@ -16,23 +16,24 @@ from typing import Any
 import orjson
 
 from accounting.records import Usage
-from relay.translate.chat_anthropic import ANTHROPIC_STOP_TO_FINISH, FINISH_TO_ANTHROPIC_STOP
-from relay.translate.common import JSON, OPENAI_DONE, named_frame, new_id, openai_frame
+from relay.translate.chat_anthropic import (
+    ANTHROPIC_STOP_TO_FINISH,
+    FINISH_TO_ANTHROPIC_STOP,
+    anthropic_usage_of,
+)
+from relay.translate.common import (
+    JSON,
+    OPENAI_DONE,
+    named_frame,
+    new_id,
+    openai_frame,
+    openai_usage_from,
+    usage_from_openai,
+)
 from relay.translate.errors import (
     anthropic_error_object_to_openai,
     openai_error_object_to_anthropic,
 )
-
-
-def _openai_usage(usage: Usage) -> JSON:
-    prompt = usage.input + usage.cache_read + usage.cache_write
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": usage.output,
-        "total_tokens": prompt + usage.output,
-        "prompt_tokens_details": {"cached_tokens": usage.cache_read},
-        "completion_tokens_details": {"reasoning_tokens": usage.reasoning},
-    }
 
 
 class AnthropicToOpenAIChatStream:
@@ -85,7 +86,7 @@ class AnthropicToOpenAIChatStream:
             "created": self._created,
             "model": self._model,
             "choices": [],
-            "usage": _openai_usage(self.usage),
+            "usage": openai_usage_from(self.usage),
         }
 
     def _take_usage(self, usage: Any) -> None:
@@ -245,11 +246,7 @@ class OpenAIChatToAnthropicStream:
         return index
 
     def _take_usage(self, usage: JSON) -> None:
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        self.usage.input = max((usage.get("prompt_tokens") or 0) - cached, 0)
-        self.usage.cache_read = cached
-        self.usage.output = usage.get("completion_tokens") or 0
-        self.usage.reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+        self.usage = usage_from_openai(usage)
         self.final_usage = True
 
     def _delta(self, out: list[JSON], delta: JSON) -> None:
@@ -320,17 +317,11 @@ class OpenAIChatToAnthropicStream:
         if not self._started:
             self._start(out)
         self._close_block(out)
-        u = self.usage
         out.append(
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": self._stop_reason or "end_turn", "stop_sequence": None},
-                "usage": {
-                    "input_tokens": u.input,
-                    "output_tokens": u.output,
-                    "cache_creation_input_tokens": u.cache_write,
-                    "cache_read_input_tokens": u.cache_read,
-                },
+                "usage": anthropic_usage_of(self.usage),
             }
         )
         out.append({"type": "message_stop"})

@@ -16,7 +16,7 @@ import time
 import orjson
 
 from accounting.records import Usage
-from relay.translate.common import JSON, named_frame, new_id
+from relay.translate.common import JSON, named_frame, new_id, usage_from_openai
 from relay.translate.responses import (
     INCOMPLETE_REASON,
     chat_usage_to_responses,
@@ -210,11 +210,7 @@ class OpenAIChatToResponsesStream:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = chat_usage_to_responses(usage)
-            cached = self._usage["input_tokens_details"]["cached_tokens"]
-            self.usage.input = max(self._usage["input_tokens"] - cached, 0)
-            self.usage.cache_read = cached
-            self.usage.output = self._usage["output_tokens"]
-            self.usage.reasoning = self._usage["output_tokens_details"]["reasoning_tokens"]
+            self.usage = usage_from_openai(usage)
             self.final_usage = True
         return out
 
