@@ -93,8 +93,9 @@ def _messages(model: str, **mock: int) -> dict[str, object]:
 
 
 def _embeddings(total_bytes: int) -> dict[str, object]:
-    piece = ("lorem ipsum dolor sit amet " * 160)[:4096]
-    return {"model": EMBED_MODEL, "input": [piece] * (total_bytes // len(piece))}
+    # The body is large, the reply is not: 16 long inputs, 256-dimension vectors.
+    piece = ("lorem ipsum dolor sit amet " * (total_bytes // 16 // 27 + 1))[: total_bytes // 16]
+    return {"model": EMBED_MODEL, "input": [piece] * 16, "dimensions": 256}
 
 
 def _hdrs(chunks: int, delay_ms: int) -> tuple[tuple[str, str], ...]:
@@ -243,6 +244,7 @@ class Bench:
         self.procs = Procs()
         self.mock: subprocess.Popen[bytes] | None = None
         self.mock_port = 0
+        self.mock_pids: list[int] = []
         self.pg_db = ""
         self.tollway_key = ""
         self.tollway_setup_note: str | None = None
@@ -256,6 +258,7 @@ class Bench:
         if self.args.mock_workers:
             argv += ["--workers", str(self.args.mock_workers)]
         self.mock = self.procs.spawn(argv, log)
+        self.mock_pids = [self.mock.pid]
         err = wait_ready(self.mock, self.mock_port, {"authorization": f"Bearer {UPSTREAM_KEY}"}, log)
         if err:
             raise SystemExit(f"mock upstream ({MOCK_MODULE}) did not start: {err}")
@@ -401,7 +404,7 @@ output = "0.01"
             return f"skipped: `users create` failed: {(res.stderr or res.stdout).strip()[-300:]}"
         res = self.relay_cli(config, "keys", "create", "--user", "bench", "--json")
         try:
-            self.tollway_key = str(json.loads(res.stdout.strip().splitlines()[-1])["key"])
+            self.tollway_key = str(json.loads(res.stdout[res.stdout.index("{"):])["key"])
         except (ValueError, KeyError, IndexError, TypeError):
             return f"skipped: `keys create` gave no key: {(res.stderr or res.stdout).strip()[-300:]}"
         return None
@@ -414,8 +417,7 @@ output = "0.01"
         t.key = self.tollway_key
         config = self.tollway_config(t.port, workers)
         os.environ["BENCH_UPSTREAM_KEY"] = UPSTREAM_KEY  # inherited by the gateway
-        # `--config` after `serve`, as `tollway serve --config FILE` documents it
-        return [PY, "-m", "relay", "serve", "--config", str(config)]
+        return [PY, "-m", "relay", "--config", str(config), "serve"]
 
     def drop_db(self) -> None:
         if self.pg_db:
@@ -457,6 +459,8 @@ class Row:
     rss_mib: float | None = None
     requests: int = 0
     errors: int | None = None
+    gen_cpu: float | None = None  # % of one core used by the load generator
+    mock_cpu: float | None = None  # % of one core used by the mock upstream
     note: str = ""
 
 
@@ -557,10 +561,23 @@ def run_load(sc: Scenario, t: Target, duration: float, work: Path) -> tuple[dict
     note = ""
     if r["errors"]:
         note = "errors: " + ", ".join(f"{k} {v}" for k, v in sorted(r["error_kinds"].items()))
+        if r.get("error_sample"):
+            note += f" (first: {_one_line(r['error_sample'], 160)})"
     return out, note
 
 
-def measure(sc: Scenario, t: Target, duration: float, work: Path) -> Row:
+def _one_line(text: str, limit: int) -> str:
+    text = re.sub(r"\s+", " ", text).replace("|", "/").strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _children_cpu_s() -> float:
+    """CPU of this process's reaped children: the load generator of the run just finished."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measure(sc: Scenario, t: Target, duration: float, work: Path, mock_pids: list[int]) -> Row:
     row = Row(sc.name, t.name)
     if t.note:
         row.note = t.note
@@ -569,9 +586,15 @@ def measure(sc: Scenario, t: Target, duration: float, work: Path) -> Row:
         row.note = "n/a (needs protocol translation)"
         return row
     cpu0 = procstat.tree_cpu_s(t.pids) if t.pids else 0.0
+    mock0 = procstat.tree_cpu_s(mock_pids)
+    gen0 = _children_cpu_s()
+    t0 = time.monotonic()
     with procstat.PeakRss(t.pids) as rss:
         res, note = run_load(sc, t, duration, work)
+    wall = time.monotonic() - t0
     cpu1 = procstat.tree_cpu_s(t.pids) if t.pids else 0.0
+    row.gen_cpu = (_children_cpu_s() - gen0) / wall * 100
+    row.mock_cpu = (procstat.tree_cpu_s(mock_pids) - mock0) / wall * 100
     row.note = note
     if not res:
         return row
@@ -596,8 +619,8 @@ def _f(v: float | None, fmt: str = "{:.2f}") -> str:
 
 def table(rows: list[Row], order: list[str]) -> str:
     head = ("| scenario | target | req/s | p50 ms | p99 ms | TTFB p50 | TTFB p99 | gap p99 "
-            "| added p50 vs direct | CPU ms/req | peak RSS MiB | errors | note |")
-    out = [head, "|" + "---|" * 13]
+            "| added p50 vs direct | CPU ms/req | peak RSS MiB | errors | load/mock CPU % | note |")
+    out = [head, "|" + "---|" * 14]
     direct = {r.scenario: r for r in rows if r.target == "direct"}
     for name in order:
         for r in (r for r in rows if r.scenario == name):
@@ -608,7 +631,8 @@ def table(rows: list[Row], order: list[str]) -> str:
                 f"| {r.scenario} | {r.target} | {_f(r.rps, '{:.0f}')} | {_f(r.p50)} | {_f(r.p99)} "
                 f"| {_f(r.ttfb50)} | {_f(r.ttfb99)} | {_f(r.gap99)} | {_f(r.added, '{:+.2f}')} "
                 f"| {_f(r.cpu_ms, '{:.3f}')} | {_f(r.rss_mib, '{:.0f}')} "
-                f"| {'—' if r.errors is None else r.errors} | {r.note} |"
+                f"| {'—' if r.errors is None else r.errors} "
+                f"| {_f(r.gen_cpu, '{:.0f}')}/{_f(r.mock_cpu, '{:.0f}')} | {r.note} |"
             )
     return "\n".join(out)
 
@@ -706,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(Row(sc.name, tname, note="skipped: over the time budget"))
                         continue
                     print(f"[bench]   {tname} {sc.name} ({args.duration:g} s)", file=sys.stderr, flush=True)
-                    rows.append(measure(sc, t, args.duration, work))
+                    rows.append(measure(sc, t, args.duration, work, bench.mock_pids))
             finally:
                 bench.stop(t)
     except KeyboardInterrupt:

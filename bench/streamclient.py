@@ -29,7 +29,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = (
         "_buf", "_chunked", "_closed", "_done", "_first", "_last", "_left", "_state", "_wants_close",
-        "gaps", "status", "transport",
+        "err_body", "gaps", "status", "transport",
     )
 
     def __init__(self, gaps: list[float]) -> None:
@@ -54,6 +54,7 @@ class _Conn(asyncio.Protocol):
         self._first = 0.0
         self._last = 0.0
         self.status = 0
+        self.err_body = b""
         self._done = asyncio.get_running_loop().create_future()
         assert self.transport is not None
         self.transport.write(request)
@@ -96,6 +97,8 @@ class _Conn(asyncio.Protocol):
                 return
         self._body_seen()
         self._buf = b""
+        if self.status >= 300 and len(self.err_body) < 300:
+            self.err_body += buf[:300]  # kept only for the summary's sample of an error reply
         if self._state == 1:
             self._left -= len(buf)
             if self._left <= 0:
@@ -158,9 +161,13 @@ def _pct(values: list[float], q: float) -> float | None:
 async def _worker(
     host: str, port: int, request: bytes, deadline: float, ok: list[int],
     ttfb: list[float], lat: list[float], gaps: list[float], errors: dict[str, int],
+    sample: list[str], ramp: float,
 ) -> None:
     loop = asyncio.get_running_loop()
     conn: _Conn | None = None
+    # Open connections over a short ramp, not in one burst: a thousand simultaneous SYNs
+    # overflow the accept queue and measure the kernel's retransmit timer instead of the target.
+    await asyncio.sleep(ramp)
     while _now() < deadline:
         try:
             if conn is None or not conn.reusable:
@@ -180,6 +187,8 @@ async def _worker(
             else:
                 key = f"http_{conn.status}"
                 errors[key] = errors.get(key, 0) + 1
+                if not sample:
+                    sample.append(conn.err_body[:300].decode(errors="replace"))
         except asyncio.CancelledError:
             raise
         except (TimeoutError, OSError, ConnectionError, ValueError) as exc:
@@ -208,11 +217,13 @@ async def run(
     gaps: list[float] = []
     errors: dict[str, int] = {}
     ok_box = [0]
+    sample: list[str] = []
     start = _now()
     deadline = start + duration
     tasks = [
-        asyncio.create_task(_worker(host, port, request, deadline, ok_box, ttfb, lat, gaps, errors))
-        for _ in range(concurrency)
+        asyncio.create_task(_worker(host, port, request, deadline, ok_box, ttfb, lat, gaps, errors, sample,
+                                   ramp=min(1.0, duration / 5) * i / concurrency))
+        for i in range(concurrency)
     ]
     # Requests still running at the deadline get a grace period, then are cut and not counted.
     _, pending = await asyncio.wait(tasks, timeout=duration + grace)
@@ -229,6 +240,7 @@ async def run(
         "errors": sum(errors.values()),
         "error_kinds": errors,
         "cut": len(pending),
+        "error_sample": sample[0] if sample else "",
         "latency_ms": {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)},
         "ttfb_ms": {"p50": _pct(ttfb, 0.5), "p99": _pct(ttfb, 0.99)},
         "gap_ms": {"p50": _pct(gaps, 0.5), "p99": _pct(gaps, 0.99), "max": _pct(gaps, 1.0)},
