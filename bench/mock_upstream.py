@@ -600,6 +600,16 @@ def _run(sock: socket.socket, host: str) -> None:
         uvloop.run(_serve(sock, host))
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive a parent killed with SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.mock_upstream",
                                  description="Mock OpenAI/Anthropic upstream for tests and benchmarks.")
@@ -616,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         pid = os.fork()
         if pid == 0:
             shapes.reseed_ids()  # ids must stay unique across workers
+            _die_with_parent()
             for other in socks:
                 if other is not sock:
                     other.close()
