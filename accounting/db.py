@@ -235,7 +235,13 @@ class EmbeddedPostgres:
             f" -c max_connections={self.max_connections} -c jit=off"
         )
         log = self.pgdata / "server.log"
-        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "30", "-l", str(log), "-o", opts, "start")
+        try:
+            self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(log), "-o", opts, "start")
+        except EmbeddedPostgresError:
+            # pg_ctl can give up waiting on a loaded host while the server did come up.
+            info = _read_postmaster(self.pgdata)
+            if info is None or info["status"] != "ready":
+                raise
 
     def _ensure_database(self) -> None:
         psql = [
@@ -262,7 +268,7 @@ class EmbeddedPostgres:
                 out.seek(0)
                 err.seek(0)
                 detail = (err.read() or out.read()).strip().splitlines()
-                raise EmbeddedPostgresError(self._failure(f"{exe} failed: {' / '.join(detail[-3:])}"))
+                raise EmbeddedPostgresError(self._failure(f"{exe} failed: {' / '.join(detail[:6])}"))
             except subprocess.TimeoutExpired:
                 raise EmbeddedPostgresError(self._failure(f"{exe} timed out"))
             out.seek(0)
