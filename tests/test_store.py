@@ -101,7 +101,7 @@ async def test_key_states_feed_sees_every_change(pg: asyncpg.Connection) -> None
         pg, uname, name="a", models=["gpt-4o-mini", "claude-*"], expires_at=expiry,
         cap_nano=2 * USD, concurrency=3, rpm=60, tpm=1000, allowed_cidrs=["10.1.2.3/8"],
     )
-    k2, s2 = await store.create_key(pg, uid)
+    k2, _ = await store.create_key(pg, uid)
 
     states, cursor = await store.fetch_key_states(pg, 0)
     by_id = {st.id: (h, st, status) for h, st, status in states}
