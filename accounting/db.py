@@ -148,7 +148,7 @@ class EmbeddedPostgres:
                     raise EmbeddedPostgresError(self._failure("server exited right after start"))
             self._socket_dir, self._port = info["socket_dir"], info["port"] or "5432"
             self._ensure_database()
-            self._write_holders(self._live_holders() | {os.getpid()})
+            self._write_holders([*self._live_holders(), os.getpid()])
             self._owner_pid = os.getpid()
         host = urllib.parse.quote(self._socket_dir, safe="")
         self._dsn = f"postgresql://{_PG_USER}@{host}:{self._port}/{DATABASE}"
@@ -159,7 +159,9 @@ class EmbeddedPostgres:
             return
         self._owner_pid = 0
         with self._locked():
-            remaining = self._live_holders() - {os.getpid()}
+            remaining = self._live_holders()
+            if os.getpid() in remaining:
+                remaining.remove(os.getpid())  # one entry per start(): a process may hold twice
             self._write_holders(remaining)
             if remaining or _read_postmaster(self.pgdata) is None:
                 return
@@ -182,15 +184,15 @@ class EmbeddedPostgres:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _live_holders(self) -> set[int]:
+    def _live_holders(self) -> list[int]:
         try:
             pids = json.loads(self._holders.read_text())
         except (FileNotFoundError, ValueError):
-            return set()
-        return {p for p in pids if isinstance(p, int) and _alive(p)}
+            return []
+        return [p for p in pids if isinstance(p, int) and _alive(p)]
 
-    def _write_holders(self, pids: set[int]) -> None:
-        tmp = self._holders.with_suffix(".tmp")
+    def _write_holders(self, pids: list[int]) -> None:
+        tmp = self._holders.with_name("pg.holders.tmp")
         tmp.write_text(json.dumps(sorted(pids)))
         tmp.replace(self._holders)
 

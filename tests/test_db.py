@@ -97,3 +97,14 @@ def test_dead_holder_does_not_pin_the_server(pgdir: Path) -> None:
     (pgdir / "pg.holders").write_text(f"[{dead_pid}, {__import__('os').getpid()}]")
     server.stop()
     assert _read_postmaster(pgdir / "pg") is None
+
+
+@pytest.mark.slow
+def test_two_holders_in_one_process(pgdir: Path) -> None:
+    first, second = EmbeddedPostgres(str(pgdir)), EmbeddedPostgres(str(pgdir))
+    dsn = first.start()
+    assert second.start() == dsn
+    first.stop()
+    assert asyncio.run(_query(dsn, "SELECT 1")) == 1  # the other holder still uses it
+    second.stop()
+    assert _read_postmaster(pgdir / "pg") is None
