@@ -135,7 +135,7 @@ class Gateway:
         elif path == b"/metrics" and self.metrics is not None:
             self.metrics.serve(req, conn)
         elif path in (b"/v1/models", b"/models") or path.startswith((b"/v1/models/", b"/models/")):
-            self._models(req, conn)
+            await self._models(req, conn)
         else:
             proto = ANTHROPIC if path.startswith(b"/v1/messages") else OPENAI
             self._reply_error(conn, E.NotFound(f"No route for {req.method.decode()} {path.decode('latin-1')}"),
@@ -195,15 +195,12 @@ class Gateway:
             return True
         return any(p == model or fnmatch.fnmatchcase(model, p) for p in patterns)
 
-    def _models(self, req: Request, conn: HttpConnection) -> None:
+    async def _models(self, req: Request, conn: HttpConnection) -> None:
         rid = self._new_rid(req)
         proto = ANTHROPIC if req.header(b"anthropic-version") is not None else OPENAI
         if req.method != b"GET":
             self._reply_error(conn, E.MethodNotAllowed("Use GET for the model list"), proto, rid)
             return
-        self.loop.create_task(self._models_async(req, conn, rid, proto))
-
-    async def _models_async(self, req: Request, conn: HttpConnection, rid: bytes, proto: int) -> None:
         try:
             key = await self._authenticate(req)
         except GatewayError as exc:
@@ -269,9 +266,10 @@ class Gateway:
                 raise E.InvalidRequest(f"Malformed JSON body: {exc}")
             if type(body) is not dict:
                 raise E.InvalidRequest("The request body must be a JSON object")
-            model = body.get("model")  # type: ignore[assignment]
-            if type(model) is not str or not model:
-                raise E.InvalidRequest("Missing required field: model")
+            m = body.get("model")
+            if type(m) is not str or not m:
+                raise E.InvalidRequest("Missing required field: model (a string)")
+            model = m
             stream = body.get("stream") is True and route.streamable
             channels = self.router.candidates(model)
             if not channels:

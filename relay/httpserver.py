@@ -200,8 +200,13 @@ class HttpConnection(asyncio.Protocol):
             self._reject(400, "Protocol upgrades are not supported")
         except _HeadError as exc:
             self._reject(exc.status, exc.message)
-        except httptools.HttpParserError:
-            self._reject(400, "Malformed HTTP request")
+        except httptools.HttpParserError as exc:
+            # llhttp wraps what a callback raised; our own limit errors keep their status.
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, _HeadError):
+                self._reject(cause.status, cause.message)
+            else:
+                self._reject(400, "Malformed HTTP request")
 
     def pause_writing(self) -> None:
         self.write_paused = True
