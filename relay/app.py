@@ -105,6 +105,7 @@ class Gateway:
         self.metrics = metrics
         self.pricebook = pricebook
         self.db: Any = None  # asyncpg pool, set by the worker
+        self.apis: list[Any] = []  # relay.webapi.Api instances for the non-model routes
         self._rid_prefix = "req_" + os.urandom(6).hex()
         self._rid_n = 0
         self.in_flight = 0
@@ -137,6 +138,10 @@ class Gateway:
         elif path in (b"/v1/models", b"/models") or path.startswith((b"/v1/models/", b"/models/")):
             await self._models(req, conn)
         else:
+            for api in self.apis:
+                if api.matches(path):
+                    await api.dispatch(req, conn, self._new_rid(req))
+                    return
             proto = ANTHROPIC if path.startswith(b"/v1/messages") else OPENAI
             self._reply_error(conn, E.NotFound(f"No route for {req.method.decode()} {path.decode('latin-1')}"),
                               proto, self._new_rid(req))

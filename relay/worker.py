@@ -11,6 +11,8 @@ limiter's view of each balance is exact.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import logging
 import os
 import socket
@@ -30,6 +32,8 @@ from relay.metrics import Metrics, gauge
 
 log = logging.getLogger("tollway.worker")
 SYNC_INTERVAL = 0.5
+# Modules exposing `build(gateway, worker) -> relay.webapi.Api` for the non-model routes.
+API_MODULES = ("relay.admin", "relay.keyapi")
 
 _BY_STATUS: dict[int, type[E.GatewayError]] = {
     400: E.InvalidRequest, 404: E.NotFound, 405: E.MethodNotAllowed, 413: E.RequestTooLarge,
@@ -91,6 +95,9 @@ class Worker:
         gw.keys.pool = db
         if limiter is not None:
             gw.anthropic_headers = anthropic_headers  # type: ignore[attr-defined]
+        for module in API_MODULES:
+            if importlib.util.find_spec(module) is not None:
+                gw.apis.append(importlib.import_module(module).build(gw, self))
         await self._sync_once()
         if metrics is not None:
             names = [m for m, _ in gw.router.listed_models()] + pricebook.models()
