@@ -129,11 +129,12 @@ class Api:
             else:
                 conn.send(200, headers, orjson.dumps(out, default=_default))
             return
+        miss: E.GatewayError
         if allowed:
-            exc: E.GatewayError = E.MethodNotAllowed(f"Use {' or '.join(sorted(set(allowed)))} for {path}")
+            miss = E.MethodNotAllowed(f"Use {' or '.join(sorted(set(allowed)))} for {path}")
         else:
-            exc = E.NotFound(f"No route for {method} {path}")
-        conn.send(exc.status, headers, E.render(exc, E.OPENAI))
+            miss = E.NotFound(f"No route for {method} {path}")
+        conn.send(miss.status, headers, E.render(miss, E.OPENAI))
 
 
 def _default(obj: Any) -> Any:
