@@ -14,7 +14,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -42,6 +42,7 @@ from relay.proxy import (
 from relay.routing import Channel, Router
 from relay.sse import SSEFramer
 from relay.sse import fields as sse_fields
+from relay.translated import TranslatingExchange, build_body, count_tokens_locally, plan_for
 from relay.upstream import UpstreamPool, build_request
 
 _RID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -116,6 +117,7 @@ class Gateway:
         self._charge_zero_aborts = cfg.ledger.charge_zero_output_aborts
         self._trust_rid = cfg.server.trust_client_request_id
         self._log_ip = cfg.server.log_client_ip
+        self._fallbacks = dict(cfg.fallbacks)
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -303,33 +305,61 @@ class Gateway:
                 fb_timeout = self.cfg.upstream.first_byte_timeout_reasoning_s
             max_attempts = max(1, self.cfg.upstream.max_attempts)
             deadline = t0 + self.cfg.upstream.retry_deadline_s
-            for channel in channels[:max_attempts]:
-                if channel.protocol_id != protocol:
-                    # Cross-protocol channels are served by relay.translate (routing issue).
+            answered = model  # the model whose channel answers (a fallback may)
+            failed: set[str] = set()
+            for cand_model, channel in self._attempt_plan(model, channels):
+                if attempts >= max_attempts or channel.name in failed:
                     continue
+                plan = None
+                if channel.protocol_id != protocol or (route.name == "responses" and channel.chat_only):
+                    plan = plan_for(route.name, channel.protocol, channel.chat_only)
+                    if plan is None:
+                        if route.name == "count_tokens":
+                            conn.send(200, [JSON_CT, (b"x-request-id", rid_out)],
+                                      count_tokens_locally(body))
+                            return
+                        continue  # this route cannot be expressed in the channel's protocol
+                if attempts and loop.time() >= deadline:
+                    break
+                if attempts:
+                    # Jittered exponential backoff between attempts on different channels.
+                    await asyncio.sleep(min(0.05 * (2 ** (attempts - 1)), 1.0) * random.random())
                 attempts += 1
                 tried.append(channel.name)
-                upstream_model = channel.upstream_model(model)
-                payload = self._upstream_body(req.body, body, model, upstream_model, mode)
+                upstream_model = channel.upstream_model(cand_model)
                 headers_out: list[tuple[bytes, bytes]] = [(b"x-request-id", rid_out)]
                 if lease is not None and lease.headers:
                     headers_out.extend(lease.headers)
-                ex = Exchange(self, conn, route, mode, headers_out)
+                if plan is None:
+                    payload = self._upstream_body(req.body, body, cand_model, upstream_model, mode)
+                    ex = Exchange(self, conn, route, mode, headers_out)
+                    path = route.upstream_path + _query(req)
+                else:
+                    payload = build_body(plan, body, upstream_model, stream)
+                    ex = TranslatingExchange(self, conn, route, stream, headers_out, plan,
+                                             cand_model, body)
+                    path = plan.upstream_path
                 conn.on_disconnect = ex.client_gone
-                raw = build_request(channel.origin, b"POST", route.upstream_path + _query(req),
-                                    upstream_headers(req, channel), payload)
+                raw = build_request(channel.origin, b"POST", path,
+                                    upstream_headers(req, channel, translated=plan is not None),
+                                    payload)
                 channel.in_flight += 1
                 try:
                     await self._send(ex, channel, raw, fb_timeout, idle_timeout, total_timeout)
                 finally:
                     channel.in_flight -= 1
-                ok = ex.error is None or ex.started
-                channel.breaker.record(ok or ex.aborted or not _is_channel_fault(ex), loop.time())
-                if ex.started or ex.aborted or not _retryable(ex):
+                fault = not ex.started and not ex.aborted and _retryable(ex)
+                channel.breaker.record(not fault, loop.time())
+                answered = cand_model
+                if ex.started or ex.aborted or not fault:
                     break
-                if loop.time() >= deadline:
-                    break
-                await asyncio.sleep(min(0.05 * (2 ** (attempts - 1)), 1.0) * random.random())
+                failed.add(channel.name)
+            if answered != model and self.pricebook is not None and ex is not None and ex.started:
+                # The fallback model answered: it is billed at its own price.
+                try:
+                    price = self.pricebook.lookup(answered)
+                except LookupError:
+                    pass
             if ex is None:
                 raise E.NoChannel(f"No channel can serve '{model}' on this protocol")
             if not ex.started and not ex.aborted:
@@ -348,6 +378,14 @@ class Gateway:
             self.in_flight -= 1
             self._settle(req, route, key, body, model, stream, ex, channel, upstream_model,
                          price, multiplier, lease, error, t0, ts, attempts, tried)
+
+    def _attempt_plan(self, model: str, channels: list[Channel]) -> Iterator[tuple[str, Channel]]:
+        """The requested model's channels, then each configured fallback model's."""
+        for c in channels:
+            yield model, c
+        for fb in self._fallbacks.get(model, ()):
+            for c in self.router.candidates(fb):
+                yield fb, c
 
     async def _send(self, ex: Exchange, channel: Channel, raw: bytes, fb: float, idle: float,
                     total: float) -> None:
@@ -488,6 +526,12 @@ class Gateway:
                stream: bool) -> tuple[Usage | None, str]:
         from accounting import tokens
 
+        if isinstance(ex, TranslatingExchange):
+            u, src = ex.usage()
+            if u is not None:
+                return u, src
+            est_in = tokens.estimate_input_tokens(route.protocol_name, body or {})
+            return Usage(input=est_in, output=tokens.count_text(ex.emitted_text())), "estimated"
         completed = ex.error is None
         if not stream:
             if completed:

@@ -116,6 +116,7 @@ class ChannelConfig:
     priority: int = 0
     weight: int = 1
     max_concurrency: int = 0
+    responses_api: bool = True  # false: an OpenAI-compatible channel that only has chat completions
 
     @property
     def api_key(self) -> str:

@@ -287,8 +287,20 @@ def max_output_tokens(body: dict[str, Any]) -> int:
     return 0
 
 
-def upstream_headers(req: Request, channel: Channel) -> list[tuple[bytes, bytes]]:
-    out = [h for h in req.headers if h[0] not in DROP_REQUEST_HEADERS]
+# On the translated path the client's protocol headers stay behind (an OpenAI channel
+# has no use for anthropic-version, and vice versa); the body's type is ours to set.
+_PROTOCOL_PREFIXES = (b"anthropic-", b"openai-", b"x-stainless-")
+
+
+def upstream_headers(req: Request, channel: Channel, translated: bool = False) -> list[tuple[bytes, bytes]]:
+    if translated:
+        out = [h for h in req.headers if h[0] not in DROP_REQUEST_HEADERS
+               and h[0] != b"content-type" and not h[0].startswith(_PROTOCOL_PREFIXES)]
+        out.append(JSON_CT)
+        if channel.protocol == "anthropic":
+            out.append((b"anthropic-version", b"2023-06-01"))
+    else:
+        out = [h for h in req.headers if h[0] not in DROP_REQUEST_HEADERS]
     out.extend(channel.auth_headers)
     out.extend(channel.extra_headers)
     return out

@@ -72,7 +72,7 @@ class Breaker:
 
 class Channel:
     __slots__ = (
-        "auth_headers", "breaker", "cfg", "extra_headers", "in_flight", "model_map", "name",
+        "auth_headers", "breaker", "cfg", "chat_only", "extra_headers", "in_flight", "model_map", "name",
         "origin", "patterns", "protocol", "protocol_id",
     )
 
@@ -92,6 +92,7 @@ class Channel:
         self.patterns = cfg.models
         self.breaker = Breaker()
         self.in_flight = 0
+        self.chat_only = not cfg.responses_api
 
     def serves(self, model: str) -> bool:
         for p in self.patterns:

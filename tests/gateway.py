@@ -67,6 +67,11 @@ class Harness:
         os.environ["TOLLWAY_TEST_UPSTREAM_KEY"] = "upstream-secret-credential"
         self.dsn = dsn
         self.mock = await mock_upstream.start("127.0.0.1", 0)
+        if "channels" in sections:
+            sections["channels"] = [
+                {**c, "base_url": c["base_url"].replace("{port}", str(self.mock.port))}
+                for c in sections["channels"]
+            ]
         self.cfg = make_config(dsn, self.mock.port, self.tmp.name, **sections)
         await prepare(self.cfg, dsn)
         self.worker = Worker(self.cfg, dsn, 0, with_limits=with_limits, with_ledger=with_ledger)
