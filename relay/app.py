@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from accounting import usage as usage_mod
+from accounting.pricing import cost_nano, estimate_max_cost
 from accounting.records import Usage, UsageRecord
 from relay import errors as E
 from relay.auth import Groups, KeyCache
@@ -419,8 +420,6 @@ class Gateway:
         max_out = max_output_tokens(body) or self._default_out
         reserve = 0
         if price is not None:
-            from accounting.pricing import estimate_max_cost
-
             reserve = estimate_max_cost(est_in, max_out, price, multiplier)
         limiter = self.limiter
         for _ in range(3):
@@ -481,9 +480,7 @@ class Gateway:
         if billable and ex is not None:
             usage, source = self._usage(ex, route, body, stream)
             if price is not None and usage is not None:
-                from accounting.pricing import cost as price_cost
-
-                cost = price_cost(usage, price, multiplier)[0]
+                cost = cost_nano(usage, price, multiplier)
         if lease is not None:
             lease.release(cost, usage.total() if usage is not None else 0)
         if self.metrics is not None:

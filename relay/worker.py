@@ -19,16 +19,17 @@ import socket
 from fractions import Fraction
 from typing import Any
 
-from accounting import pricing, tokens
+from accounting import pricing, store, tokens
 from accounting.db import create_pool
 from accounting.ledger import open_ledger
 from accounting.money import parse_multiplier
 from limits.admission import Limiter, anthropic_headers
 from relay import errors as E
 from relay.app import Gateway
-from relay.config import Config
+from relay.config import ChannelConfig, Config
 from relay.httpserver import ServerState, drain, make_factory
 from relay.metrics import Metrics, gauge
+from relay.routing import Router
 
 log = logging.getLogger("tollway.worker")
 SYNC_INTERVAL = 0.5
@@ -68,6 +69,7 @@ class Worker:
         self._user_version = 0
         self._group_version = 0
         self._price_version = 0
+        self._channel_version = 0
         self.port = 0
 
     async def start(self, sock: socket.socket) -> None:
@@ -186,6 +188,10 @@ class Worker:
                 mult = Fraction(1)
             gw.groups.set(r["name"], mult, tuple(r["models"]))
             self._group_version = max(self._group_version, r["version"])
+        changed, cursor = await store.fetch_channels(db, self._channel_version)
+        if changed or self._channel_version == 0:
+            self._channel_version = cursor
+            self._reload_channels(await store.list_channels(db))
         prices = await pricing.load_since(db, self._price_version)
         if prices:
             gw.pricebook.apply(prices)
@@ -208,6 +214,33 @@ class Worker:
             self._user_version = max(self._user_version, r["version"])
         for r in keys:
             limiter.apply_key_snapshot(r["id"], r["spent_nano"])
+
+    def _reload_channels(self, rows: list[Any]) -> None:
+        """Channels live in Postgres (config ones synced at start, admin ones added at run
+        time); the router is rebuilt when any changed, keeping breakers of unchanged ones."""
+        gw = self.gw
+        assert gw is not None
+        configured = {c.name: c for c in self.cfg.channels}
+        specs = []
+        for r in rows:
+            if not r.enabled:
+                continue
+            base = configured.get(r.name)
+            spec = ChannelConfig(
+                name=r.name, protocol=r.protocol, base_url=r.base_url, api_key_env=r.api_key_env,
+                models=tuple(r.models), model_map=tuple(r.model_map.items()),
+                headers=tuple(r.headers.items()), priority=r.priority, weight=r.weight,
+                max_concurrency=r.max_concurrency,
+                responses_api=base.responses_api if base is not None else True,
+            )
+            specs.append(spec)
+        old = {c.name: c for c in gw.router.channels}
+        router = Router(specs)
+        for c in router.channels:
+            prev = old.get(c.name)
+            if prev is not None and prev.cfg == c.cfg:
+                c.breaker = prev.breaker
+        gw.router = router
 
     def _gauges(self) -> Any:
         gw = self.gw
