@@ -104,3 +104,21 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, tree_rss_bytes(self.roots))
+
+
+def listen_overflows() -> int:
+    """Host-wide count of connections dropped because an accept queue was full.
+
+    A rise during a run means some p99 latency is the kernel's SYN-ACK retransmit timer
+    (1 s, 3 s, 7 s...), not the target's own work.
+    """
+    try:
+        with open("/proc/net/netstat") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(row.get("ListenOverflows", 0))
+    return 0

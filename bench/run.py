@@ -588,6 +588,7 @@ def measure(sc: Scenario, t: Target, duration: float, work: Path, mock_pids: lis
     cpu0 = procstat.tree_cpu_s(t.pids) if t.pids else 0.0
     mock0 = procstat.tree_cpu_s(mock_pids)
     gen0 = _children_cpu_s()
+    drops0 = procstat.listen_overflows()
     t0 = time.monotonic()
     with procstat.PeakRss(t.pids) as rss:
         res, note = run_load(sc, t, duration, work)
@@ -596,6 +597,9 @@ def measure(sc: Scenario, t: Target, duration: float, work: Path, mock_pids: lis
     row.gen_cpu = (_children_cpu_s() - gen0) / wall * 100
     row.mock_cpu = (procstat.tree_cpu_s(mock_pids) - mock0) / wall * 100
     row.note = note
+    drops = procstat.listen_overflows() - drops0
+    if drops:
+        row.note = f"{drops} accept-queue overflows; " + row.note
     if not res:
         return row
     for k, v in res.items():

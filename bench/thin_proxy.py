@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones aiohttp recomputes itself.
+_SESSION = web.AppKey("session", aiohttp.ClientSession)
 _DROP = frozenset(
     {
         "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
@@ -29,7 +30,7 @@ def make_app(upstream: str, pool: int = 1024) -> web.Application:
     base = upstream.rstrip("/")
 
     async def start(app: web.Application) -> None:
-        app["session"] = aiohttp.ClientSession(
+        app[_SESSION] = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=pool, limit_per_host=pool),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
@@ -37,12 +38,12 @@ def make_app(upstream: str, pool: int = 1024) -> web.Application:
         )
 
     async def stop(app: web.Application) -> None:
-        await app["session"].close()
+        await app[_SESSION].close()
 
     async def forward(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
-        session: aiohttp.ClientSession = request.app["session"]
+        session = request.app[_SESSION]
         async with session.request(
             request.method, base + request.path_qs, data=body, headers=headers
         ) as up:
