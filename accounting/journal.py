@@ -25,7 +25,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ def encode(rec: UsageRecord) -> bytes:
         rec.error_code, u.input, u.output, u.cache_read, u.cache_write, u.reasoning,
         rec.usage_source, rec.cost_nano, rec.price_version, rec.latency_ms, rec.ttfb_ms,
         rec.attempts, rec.channels_tried, rec.client_request_id, rec.client_ip, rec.plan_id,
+        rec.multiplier,
     ))
     return _HDR.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
@@ -68,6 +69,8 @@ def decode(payload: bytes) -> UsageRecord:
         usage_source=t[19], cost_nano=t[20], price_version=t[21], latency_ms=t[22],
         ttfb_ms=t[23], attempts=t[24], channels_tried=t[25], client_request_id=t[26],
         client_ip=t[27], plan_id=t[28],
+        # Appended fields: a record written before they existed reads their default.
+        multiplier=t[29] if len(t) > 29 else "1",
     )
 
 
@@ -207,11 +210,21 @@ def replay(directory: str | os.PathLike[str]) -> list[UsageRecord]:
 
 
 class Journal:
-    """This worker's journal: `append` on the hot path, the rest from the flusher."""
+    """This worker's journal: `append` on the hot path, the rest from the flusher.
+
+    Two ways to append. `append()` writes the frame at once. `append_deferred()` adds it
+    to a buffer that is written with one `os.write` by a callback the event loop runs
+    once per iteration (see `defer()`), so a burst of rows settled in one iteration
+    costs one syscall. The price is a window: a kill -9 of the worker loses the rows
+    settled in the current loop iteration, before its end (microseconds to a
+    millisecond), whose clients may already have had their last byte. The ledger uses
+    deferred appends only while a flusher runs; during a spill (rows that live only in
+    the journal) it appends at once.
+    """
 
     __slots__ = (
-        "_current", "_dirty", "_name", "_next_no", "_segment_bytes", "_segments",
-        "directory", "seq", "write_errors",
+        "_buf", "_buf_rows", "_current", "_dirty", "_name", "_next_no", "_schedule",
+        "_segment_bytes", "_segments", "directory", "seq", "write_errors",
     )
 
     def __init__(
@@ -228,14 +241,23 @@ class Journal:
         self._segments: list[Segment] = []
         self._next_no = 0
         self._dirty = False
-        self.seq = 0  # rows appended successfully so far
+        self._buf: list[bytes] = []
+        self._buf_rows = 0
+        self._schedule: Callable[[Callable[[], None]], object] | None = None
+        self.seq = 0  # rows appended so far (written, or buffered to be written)
         self.write_errors = 0
         self._current = self._open_segment()
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     # --- hot path ------------------------------------------------------------------
 
     def append(self, rec: UsageRecord) -> bool:
         """Write one row now (page cache); False if it could not be written in full."""
+        if self._buf:
+            self.write_buffered()  # keep the file in append order
         data = encode(rec)
         seg = self._current
         if seg.size >= self._segment_bytes:
@@ -258,20 +280,70 @@ class Journal:
         self._dirty = True
         return True
 
+    def append_deferred(self, rec: UsageRecord) -> None:
+        """Buffer one row for the write at the end of this loop iteration.
+
+        The row takes its sequence number now. If the later write fails, the row keeps
+        its place in the sequence without bytes on disk (counted in `write_errors`):
+        the caller must hold such rows in memory until they are committed.
+        """
+        buf = self._buf
+        if not buf:
+            if self._schedule is None:
+                raise RuntimeError("append_deferred without defer()")
+            self._schedule(self.write_buffered)
+        buf.append(encode(rec))
+        self._buf_rows += 1
+        self.seq += 1
+
+    def defer(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
+        """Enable deferred appends with `schedule` (e.g. `loop.call_soon`), or disable them
+        (None: the buffer is written now)."""
+        if schedule is None:
+            self.write_buffered()
+        self._schedule = schedule
+
+    def write_buffered(self) -> None:
+        """Write the deferred rows with one `os.write`; idempotent when there are none."""
+        if not self._buf:
+            return
+        data = b"".join(self._buf)
+        rows = self._buf_rows
+        self._buf.clear()
+        self._buf_rows = 0
+        seg = self._current
+        if seg.size >= self._segment_bytes:
+            seg = self._rotate(first_seq=self.seq - rows)
+        try:
+            n = os.write(seg.fd, data)
+        except OSError:
+            n = -1
+        seg.count += rows
+        if n != len(data):
+            self.write_errors += rows
+            try:
+                os.ftruncate(seg.fd, seg.size)
+            except OSError:
+                pass
+            return
+        seg.size += n
+        self._dirty = True
+
     # --- flusher side -----------------------------------------------------------------
 
-    def _open_segment(self) -> Segment:
+    def _open_segment(self, first_seq: int | None = None) -> Segment:
         no = self._next_no
         self._next_no += 1
         path = os.path.join(self.directory, f"{self._name}-{no:06d}{SUFFIX}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        seg = Segment(no=no, path=path, fd=fd, first_seq=self.seq)
+        seg = Segment(no=no, path=path, fd=fd,
+                      first_seq=self.seq - self._buf_rows if first_seq is None else first_seq)
         self._segments.append(seg)
         return seg
 
-    def _rotate(self) -> Segment:
-        self._current = self._open_segment()
+    def _rotate(self, first_seq: int | None = None) -> Segment:
+        self._current = self._open_segment(first_seq)
         return self._current
 
     @property
@@ -284,6 +356,7 @@ class Journal:
 
     def tail(self) -> Cursor:
         """The position the next appended row will get."""
+        self.write_buffered()
         seg = self._current
         return Cursor(seg.no, seg.size, self.seq)
 
@@ -343,7 +416,8 @@ class Journal:
         return out, Cursor(no, offset, seq)
 
     def fsync(self) -> None:
-        """fdatasync every segment written since the last call (run it off the loop)."""
+        """fdatasync every segment written since the last call (run it off the loop;
+        call `write_buffered` on the loop first)."""
         if not self._dirty:
             return
         self._dirty = False
@@ -355,6 +429,8 @@ class Journal:
 
     def close(self, *, delete: bool = False) -> None:
         """Release every segment; keep the files (for replay) unless `delete`."""
+        self.write_buffered()
+        self._schedule = None
         for seg in self._segments:
             if delete:
                 _drop(seg.path, seg.fd)

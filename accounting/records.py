@@ -56,3 +56,4 @@ class UsageRecord:
     client_request_id: str = ""
     client_ip: str = ""
     plan_id: int = 0  # subscription drawn on, 0: the user's balance
+    multiplier: str = "1"  # the price multiplier applied, as an exact fraction ("4/5")

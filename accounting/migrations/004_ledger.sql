@@ -1,0 +1,20 @@
+-- Ledger round two: the multiplier each row was priced with, and a leaner usage_log.
+--
+-- `multiplier` is the exact fraction (as text, e.g. '4/5') the request's cost was
+-- multiplied by, so `usage show` reproduces an old bill even after the group's
+-- multiplier changed. Rows written before this migration read '1'; for them the
+-- report falls back to the group's current multiplier. Adding a column with a
+-- constant default is a catalog-only change, even on a large partitioned table.
+ALTER TABLE usage_log ADD COLUMN multiplier text NOT NULL DEFAULT '1';
+
+-- Every index on usage_log is paid on each of the flusher's rows. Per-model figures
+-- come from usage_hourly (usage_hourly_model_idx); the request log narrowed by model
+-- walks usage_log_ts_idx newest first and filters, which stays cheap for any model
+-- that has traffic. Kept: the primary key (idempotency), ts (request log order),
+-- key and user (request log filters), the partial client request id index.
+DROP INDEX IF EXISTS usage_log_model_idx;
+
+-- The flusher updates each (hour, user, key, group, model) row of usage_hourly many
+-- times an hour; free space on the page lets those updates be HOT (no index writes).
+-- Applies to pages written from now on.
+ALTER TABLE usage_hourly SET (fillfactor = 70);
