@@ -499,7 +499,7 @@ class Limiter:
         ktok = utok = 0.0
         lim_r = rem_r = 0
         reset_r = 0.0
-        for s, rpm in ((k, krpm), (u, urpm)):
+        for s, rpm in ((k, krpm), (u, urpm)) if krpm or urpm else ():
             if not rpm:
                 continue
             if leased:
@@ -541,7 +541,7 @@ class Limiter:
         klev = ulev = 0.0
         lim_t = rem_t = 0
         reset_t = 0.0
-        for s, tpm in ((k, ktpm), (u, utpm)):
+        for s, tpm in ((k, ktpm), (u, utpm)) if ktpm or utpm else ():
             if not tpm:
                 continue
             cap = tpm / div

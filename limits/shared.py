@@ -157,9 +157,14 @@ class Shared:
         self._sync = self.redis.register_script(_SYNC)
         self._snap = self.redis.register_script(_SNAPSHOT)
         self._hungry: set[Scope] = set()
+        # Money slices grow only for scopes whose admissions asked for it: a slice leased
+        # ahead of need is money other workers cannot use.
+        self._grow: set[Scope] = set()
         self._snaps: dict[Scope, float] = {}
         self._versions: dict[Scope, float] = {}
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._last_full = 0.0
         self.errors = 0
@@ -174,6 +179,8 @@ class Shared:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,16 +199,22 @@ class Shared:
         block = self.block
         half = block // 2
         for s in (k, u):
-            if (
-                (s.lc and s.conc_held - s.inflight <= half)
-                or (s.lr and s.rt < half + 1)
-                or (s.last_reserve and s.held - s.reserved < s.last_reserve * half)
-            ):
+            if s.last_reserve and s.held - s.reserved < s.last_reserve * (half + 1):
+                self._grow.add(s)
+                self._hungry.add(s)
+                self._wake.set()
+            elif (s.lc and s.conc_held - s.inflight <= half) or (s.lr and s.rt < half + 1):
                 self._hungry.add(s)
                 self._wake.set()
 
     def after_release(self, k: Scope, u: Scope) -> None:
-        pass  # TPM debt and money moves are picked up by the periodic sync
+        # Hand surplus slots back promptly so other workers can use them; TPM debt and
+        # money moves ride on the periodic sync.
+        twice = 2 * self.block
+        if k.conc_held - k.inflight > twice:
+            self._hungry.add(k)
+        if u.conc_held - u.inflight > twice:
+            self._hungry.add(u)
 
     def snapshot(self, s: Scope, as_of: float) -> None:
         self._versions[s] = as_of
@@ -250,6 +263,7 @@ class Shared:
         for s in (k, u):
             if not s.last_reserve:
                 s.last_reserve = 1
+            self._grow.add(s)
         try:
             unknown = await self._sync_scopes([k, u])
             if unknown:
@@ -278,6 +292,12 @@ class Shared:
         """One atomic script per scope, pipelined. Returns scopes whose budget is unknown."""
         if not scopes:
             return []
+        # Claims are written as absolute values computed before the round trip, so two
+        # syncs of one worker must never overlap.
+        async with self._lock:
+            return await self._sync_locked(scopes, final)
+
+    async def _sync_locked(self, scopes: list[Scope], final: bool) -> list[Scope]:
         block = self.block
         now = self.lim.clock()
         pipe = self.redis.pipeline(transaction=False)
@@ -285,7 +305,7 @@ class Shared:
         for s in scopes:
             idle = final or (s.inflight == 0 and now - s.touched > _IDLE_S)
             # concurrency: lower first (so local admissions during the await stay covered)
-            cwant = 0 if final else s.inflight + block
+            cwant = 0 if idle else s.inflight + block
             if not s.lc:
                 cwant = 0
             if s.conc_held > cwant:
@@ -314,7 +334,7 @@ class Shared:
                 if free > target * 2 or (idle and free > 0):
                     ret = free - target if not idle else free
                     s.held -= ret
-                elif free < target:
+                elif free < target and s in self._grow:
                     want = target - free
             base = s.held + s.unflushed + sum(a for _, a in s.flushed)
             debit = s.debt
@@ -327,19 +347,20 @@ class Shared:
                 ],
                 client=pipe,
             )
-            sent.append((s, debit))
+            sent.append((s, debit, cwant))
+        self._grow.difference_update(scopes)
         try:
             results = await pipe.execute()
         except _ERRORS:
-            for s, debit in sent:
+            for s, debit, _ in sent:
                 s.debt += debit
             raise
         unknown = []
         now = self.lim.clock()
-        for (s, _), r in zip(sent, results, strict=True):
+        for (s, _, cwant), r in zip(sent, results, strict=True):
             cgrant, rgrant, rwait, rleft, tlev, known, mgrant, mavail, ver = r
             s.conc_held = int(cgrant)
-            if s.lc and s.conc_held <= s.inflight:
+            if s.lc and s.conc_held < cwant and s.conc_held <= s.inflight:  # Redis refused
                 s.conc_empty_until = now + 0.05
             if s.lr:
                 s.rt += int(rgrant)
@@ -357,21 +378,34 @@ class Shared:
                         s.money_empty_until = now + 0.5
                     v = float(ver)
                     if s.flushed:
-                        s.flushed = [(at, a) for at, a in s.flushed if at + _CLOCK_MARGIN_S >= v]
+                        kept = [(at, a) for at, a in s.flushed if at + _CLOCK_MARGIN_S >= v]
+                        if len(kept) < len(s.flushed):
+                            s.flushed = kept
+                            self._hungry.add(s)  # lower the claim on the next round
                 else:
                     unknown.append(s)
         return unknown
 
     async def _run(self) -> None:
         lim = self.lim
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval if not lim.degraded else 1.0)
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._closing:
+            # A timer sets the event: 3.11's wait_for and asyncio.timeout can swallow a
+            # cancellation that races their timeout, and close() must always stop this task.
+            timer = loop.call_later(self.interval if not lim.degraded else 1.0, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
             self._wake.clear()
             if lim.degraded:
                 try:
                     await self.redis.ping()
                 except _ERRORS:
+                    if self._closing or me.cancelling():
+                        raise asyncio.CancelledError from None
                     continue
                 for s in self._all():
                     s.rt = 0  # tokens refilled locally in safe mode are not Redis' to honour
@@ -384,6 +418,7 @@ class Shared:
                     if s.db is not None:
                         await self._snap(keys=[self._name(s)], args=[s.db, repr(v)])
                 now = lim.clock()
+                block = self.block
                 batch = self._hungry
                 self._hungry = set()
                 if now - self._last_full > self.ttl_ms / 4000:
@@ -395,10 +430,17 @@ class Shared:
                 else:
                     batch.update(
                         s for s in self._all()
-                        if s.debt or (s.inflight == 0 and now - s.touched > _IDLE_S and (s.held > 0 or s.rt >= 1))
+                        if s.debt
+                        or s.flushed
+                        or s.conc_held > s.inflight + block
+                        or (s.inflight == 0 and now - s.touched > _IDLE_S
+                            and (s.held > 0 or s.rt >= 1 or s.conc_held))
                     )
                 unknown = await self._sync_scopes(list(batch))
                 for s in unknown:
                     await self._rebuild(s)
             except _ERRORS:
+                # redis-py may turn a cancellation into a connection error: honour it.
+                if self._closing or me.cancelling():
+                    raise asyncio.CancelledError from None
                 self._fail()

@@ -1,0 +1,245 @@
+"""Shared mode against the real Redis at 127.0.0.1:6379: two limiters act as two workers."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from limits.admission import Denial, Lease, Limiter
+from limits.keys import KeyState
+from relay.config import LimitsConfig
+
+URL = "redis://127.0.0.1:6379/0"
+
+
+def key(**kw: object) -> KeyState:
+    base: dict[str, object] = dict(
+        id=1, user_id=7, name="k", enabled=True, user_enabled=True, expires_at=0.0,
+        models=None, group="default", cap_nano=0, concurrency=0, rpm=0, tpm=0,
+    )
+    base.update(kw)
+    return KeyState(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    p = f"tollway-test-{secrets.token_hex(4)}:"
+    yield p
+    r = aioredis.from_url(URL)
+    names = [n async for n in r.scan_iter(match=p + "*")]
+    if names:
+        await r.delete(*names)
+    await r.aclose()
+
+
+Factory = Callable[..., Limiter]
+
+
+@pytest.fixture
+async def workers(prefix: str) -> AsyncIterator[Factory]:
+    made: list[Limiter] = []
+
+    def make(url: str = URL, balance: int = 10**15, ttl: float = 10.0, n: int = 2, **cfg: object) -> Limiter:
+        async def loader(user_id: int, key_id: int) -> tuple[int, int]:
+            return balance, 0
+
+        lim = Limiter(
+            LimitsConfig(redis_url=url, **cfg),  # type: ignore[arg-type]
+            workers=n, loader=loader, redis_prefix=prefix, lease_ttl_s=ttl,
+        )
+        made.append(lim)
+        return lim
+
+    yield make
+    for lim in made:
+        await lim.close()
+
+
+async def admit(lim: Limiter, k: KeyState, reserve: int = 0) -> Lease | Denial:
+    for _ in range(5):
+        r = lim.admit(k, "m", 10, reserve, "10.0.0.1", True, time.monotonic())
+        if r is not None:
+            return r
+        await lim.refill(k)
+    raise AssertionError("admit kept asking for a refill")
+
+
+async def drain(lim: Limiter, k: KeyState, reserve: int = 0) -> list[Lease]:
+    out = []
+    while isinstance(lease := await admit(lim, k, reserve), Lease):
+        out.append(lease)
+    return out
+
+
+async def test_rpm_held_across_two_workers_within_one_block(workers: Factory) -> None:
+    a, b = workers(lease_block=10), workers(lease_block=10)
+    await a.start()
+    await b.start()
+    k = key(rpm=60, concurrency=10_000)
+    got_a: list[Lease] = []
+    got_b: list[Lease] = []
+    # Interleave so both hold blocks at once.
+    while True:
+        ra, rb = await admit(a, k), await admit(b, k)
+        if isinstance(ra, Lease):
+            got_a.append(ra)
+        if isinstance(rb, Lease):
+            got_b.append(rb)
+        if isinstance(ra, Denial) and isinstance(rb, Denial):
+            break
+    total = len(got_a) + len(got_b)
+    assert got_a and got_b
+    assert 60 <= total <= 60 + 10, total
+    assert isinstance(ra, Denial) and ra.status == 429 and ra.reason == "rpm"
+
+
+async def test_concurrency_shared_and_returned(workers: Factory) -> None:
+    a, b = workers(lease_block=4), workers(lease_block=4)
+    await a.start()
+    await b.start()
+    k = key(concurrency=10)
+    held_a = await drain(a, k)
+    held_b = await drain(b, k)
+    assert len(held_a) + len(held_b) == 10
+    for lease in held_a:
+        lease.release(0, 0)
+    await asyncio.sleep(0.3)  # a hands back all but one block in the background
+    more = await drain(b, k)
+    assert len(held_b) + len(more) == 10 - 4
+    await asyncio.sleep(1.2)  # idle: a hands back everything
+    more += await drain(b, k)
+    assert len(held_b) + len(more) == 10
+
+
+async def test_dead_worker_slots_expire(workers: Factory) -> None:
+    a, b = workers(ttl=0.5, lease_block=5), workers(ttl=0.5, lease_block=5)
+    await a.start()
+    await b.start()
+    k = key(concurrency=5)
+    held = await drain(a, k)
+    assert len(held) == 5
+    assert await drain(b, k) == []
+    assert a.shared is not None and a.shared._task is not None
+    a.shared._closing = True  # the worker dies: no renewals, no returns
+    a.shared._task.cancel()
+    await asyncio.sleep(0.8)
+    assert a.shared._task.done()
+    assert len(await drain(b, k)) == 5
+
+
+async def test_budget_shared_never_overdrawn(workers: Factory) -> None:
+    a = workers(balance=1000, lease_block=10)
+    b = workers(balance=1000, lease_block=10)
+    await a.start()
+    await b.start()
+    k = key(concurrency=10_000)
+    got: list[Lease] = []
+    while True:
+        ra, rb = await admit(a, k, 30), await admit(b, k, 30)
+        got += [r for r in (ra, rb) if isinstance(r, Lease)]
+        if not isinstance(ra, Lease) and not isinstance(rb, Lease):
+            break
+    # 1000 / 30 = 33; each worker may strand less than one reservation in its slice.
+    assert 31 <= len(got) <= 33
+    assert isinstance(ra, Denial) and ra.status == 402
+    for lease in got:
+        lease.release(30, 0)
+    assert a.users[7].unflushed + b.users[7].unflushed == 30 * len(got) <= 1000
+
+
+async def test_settled_money_stays_claimed_until_a_snapshot_covers_it(
+    workers: Factory, prefix: str
+) -> None:
+    a = workers(balance=1000, lease_block=1)
+    b = workers(balance=1000, lease_block=1)
+    await a.start()
+    await b.start()
+    k = key(concurrency=100)
+    lease = await admit(a, k, 600)
+    assert isinstance(lease, Lease)
+    lease.release(600, 0)
+    await asyncio.sleep(0.1)
+    # a flushes 600 to Postgres; until a newer snapshot lands, b must not see it as free.
+    a.on_flushed({7: 600}, {}, committed_at=time.time())
+    await asyncio.sleep(0.1)
+    r = await admit(b, k, 600)
+    assert isinstance(r, Denial) and r.status == 402
+    b.apply_user_snapshot(7, 400, as_of=time.time() + 3)  # read after the commit
+    # a drops the covered claim on its next sync and, idle for a second, hands back the
+    # slice it had leased ahead of need; b's cached 402 lapses after 0.5 s.
+    await asyncio.sleep(1.3)
+    r = await admit(b, k, 400)
+    assert isinstance(r, Lease)
+    assert isinstance(await admit(b, k, 1), Denial)
+
+
+async def test_redis_flush_rebuilds_from_snapshot(workers: Factory, prefix: str) -> None:
+    a = workers(balance=500, lease_block=1)
+    await a.start()
+    k = key(concurrency=100)
+    first = await admit(a, k, 200)
+    assert isinstance(first, Lease)
+    first.release(200, 0)
+    r = aioredis.from_url(URL)
+    await r.delete(*[n async for n in r.scan_iter(match=prefix + "*")])
+    await r.aclose()
+    await asyncio.sleep(0.2)
+    # The loader (Postgres: 500, nothing flushed yet) seeds Redis again and the worker's
+    # unflushed 200 is claimed again: 300 left, not 500.
+    got = await drain(a, k, 100)
+    assert len(got) == 3
+
+
+async def test_unreachable_redis_from_start_never_spends(workers: Factory) -> None:
+    lim = workers(url="redis://127.0.0.1:1/0", n=2)
+    await lim.start()
+    assert lim.degraded
+    k = key()
+    for reserve in (0, 10):
+        r = lim.admit(k, "m", 1, reserve, "10.0.0.1", True, time.monotonic())
+        assert isinstance(r, Denial) and r.reason == "quota_degraded" and r.status == 429
+    await lim.refill(k)  # refilling cannot help while Redis is away
+    r = lim.admit(k, "m", 1, 10, "10.0.0.1", True, time.monotonic())
+    assert isinstance(r, Denial) and r.reason == "quota_degraded"
+    assert lim.stats()["degraded"] is True
+
+
+async def test_redis_lost_midway_safe_mode(workers: Factory) -> None:
+    lim = workers(n=2, key_rpm=20, lease_block=10)
+    await lim.start()
+    k = key(concurrency=6)
+    first = await admit(lim, k, 100)  # leases a slice of 100 x 10 and a block of RPM tokens
+    assert isinstance(first, Lease)
+    first.release(100, 0)
+    assert lim.shared is not None
+    old = lim.shared.redis
+    lim.shared.redis = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    lim.shared._sync = lim.shared.redis.register_script(lim.shared._sync.script)
+    await old.aclose()
+    await lim.refill(k)
+    assert lim.degraded
+    leases = []
+    while isinstance(x := lim.admit(k, "m", 1, 100, "10.0.0.1", True, time.monotonic()), Lease):
+        leases.append(x)
+    # Concurrency 6 over 2 workers: 3 at a time.
+    assert len(leases) == 3 and isinstance(x, Denial) and x.reason == "concurrency"
+    spent = 100
+    n = 0
+    while True:
+        for lease in leases:
+            lease.release(100, 0)
+            spent += 100
+        leases = []
+        x = lim.admit(k, "m", 1, 100, "10.0.0.1", True, time.monotonic())
+        if not isinstance(x, Lease):
+            break
+        leases.append(x)
+        n += 1
+    # Money: only the slice leased before the outage (1000) is ever spent.
+    assert spent <= 1000
+    assert isinstance(x, Denial) and x.reason in ("quota_degraded", "rpm")
