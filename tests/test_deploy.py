@@ -330,3 +330,84 @@ def test_promtool_compiles_dashboard_queries(tmp_path: Path) -> None:
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     out = subprocess.run([exe, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- nginx in front of a real gateway (when nginx is installed) --------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+
+
+def _nginx_conf(tmp: Path, gateway_port: int, port: int) -> Path:
+    """deploy/nginx.conf with the compose gateways replaced by one local gateway."""
+    conf = (DEPLOY / "nginx.conf").read_text()
+    conf = re.sub(r"gateway\d+:8080", f"127.0.0.1:{gateway_port}", conf)
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("/tmp/", f"{tmp}/")
+    path = tmp / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+async def test_nginx_config_streams_through_and_hides_metrics(pg_dsn: str, tmp_path: Path) -> None:
+    import asyncio
+
+    nginx = _nginx_binary()
+    if nginx is None:
+        pytest.skip("nginx is not installed")
+    h = await Harness().start(pg_dsn)
+    proc = None
+    try:
+        assert h.worker is not None
+        port = _free_port()
+        conf = _nginx_conf(tmp_path, h.worker.port, port)
+        proc = await asyncio.create_subprocess_exec(
+            nginx, "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
+            "-g", "daemon off;", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        _, _, secret = await h.user_and_key()
+        body = orjson.dumps({"model": "gpt-4o-mini", "stream": True,
+                             "messages": [{"role": "user", "content": "hi"}],
+                             "mock": {"chunks": 4, "delay_ms": 150}})
+        headers = {"authorization": f"Bearer {secret}", "content-type": "application/json"}
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                try:
+                    async with s.get(base + "/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("nginx did not come up")
+            async with s.post(base + "/v1/chat/completions", data=body, headers=headers) as r:
+                assert r.status == 200
+                loop = asyncio.get_running_loop()
+                arrivals = []
+                async for chunk in r.content.iter_any():
+                    if b"data:" in chunk:
+                        arrivals.append(loop.time())
+                    last = chunk
+            assert b"[DONE]" in last
+            # Unbuffered: the events arrive spread over the stream, not all at its end.
+            assert len(arrivals) >= 3 and arrivals[-1] - arrivals[0] >= 0.3
+            async with s.get(base + "/metrics") as r:
+                assert r.status == 404
+            async with s.get(h.url + "/metrics") as r:
+                assert r.status == 200
+    finally:
+        if proc is not None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)
+        await h.stop()
