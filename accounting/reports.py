@@ -13,6 +13,7 @@ from fractions import Fraction
 from typing import Any
 
 import asyncpg
+import orjson
 
 from accounting import pricing
 from accounting.records import Usage
@@ -41,15 +42,22 @@ def _row_dict(r: asyncpg.Record) -> dict[str, Any]:
     return d
 
 
-async def usage_row(conn: asyncpg.Connection, request_id: str) -> dict[str, Any] | None:
-    """The usage row for a gateway request id, else for a client's own request id."""
+async def usage_row(
+    conn: asyncpg.Connection, request_id: str, *, key_id: int | None = None
+) -> dict[str, Any] | None:
+    """The usage row for a gateway request id, else for a client's own request id.
+
+    With `key_id`, only that key's rows are candidates (a key holder's view: another
+    key's row with the same client request id must neither show nor hide its own).
+    """
+    scope, args = ("", [request_id]) if key_id is None else (" AND key_id = $2", [request_id, key_id])
     r = await conn.fetchrow(
-        f"SELECT {_LOG_COLS} FROM usage_log WHERE request_id = $1 ORDER BY ts DESC LIMIT 1",
-        request_id)
+        f"SELECT {_LOG_COLS} FROM usage_log WHERE request_id = $1{scope} ORDER BY ts DESC LIMIT 1",
+        *args)
     if r is None and request_id:
         r = await conn.fetchrow(
             f"SELECT {_LOG_COLS} FROM usage_log WHERE client_request_id = $1"
-            " AND client_request_id <> '' ORDER BY ts DESC LIMIT 1", request_id)
+            f" AND client_request_id <> ''{scope} ORDER BY ts DESC LIMIT 1", *args)
     return None if r is None else _row_dict(r)
 
 
@@ -178,3 +186,92 @@ async def request_log(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (_cursor(rows[-1]) if more and rows else None)
+
+
+async def daily_model_costs(
+    conn: asyncpg.Connection,
+    start: datetime,
+    end: datetime,
+    *,
+    user_id: int | None = None,
+    key_id: int | None = None,
+) -> list[dict[str, Any]]:
+    """Cost per UTC day and model in [start, end): rows of (day, model, requests, cost_nano)."""
+    where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id)
+    rows = await conn.fetch(
+        "SELECT date_trunc('day', hour, 'UTC') AS day, model, sum(requests)::bigint AS requests,"
+        f" sum(cost_nano)::bigint AS cost_nano FROM usage_hourly{where}"
+        " GROUP BY 1, 2 ORDER BY 1, 2", *args)
+    return [dict(r) for r in rows]
+
+
+CODE_STATES = ("unused", "redeemed", "expired")
+
+
+async def list_codes(
+    conn: asyncpg.Connection,
+    *,
+    batch_id: int | None = None,
+    prefix: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Redemption codes by display prefix only (the codes themselves are not stored), newest
+    batch first. `prefix` matches the start of the display prefix ("TW-AB")."""
+    if state is not None and state not in CODE_STATES:
+        raise ValueError(f"state: expected one of {', '.join(CODE_STATES)}, got {state!r}")
+    where: list[str] = []
+    args: list[Any] = []
+    if batch_id is not None:
+        args.append(batch_id)
+        where.append(f"batch_id = ${len(args)}")
+    if prefix:
+        args.append(prefix.replace("\\", "").replace("%", "").replace("_", "\\_") + "%")
+        where.append(f"prefix LIKE ${len(args)}")
+    if state == "redeemed":
+        where.append("redeemed_by IS NOT NULL")
+    elif state == "unused":
+        where.append("redeemed_by IS NULL AND (expires_at IS NULL OR expires_at > now())")
+    elif state == "expired":
+        where.append("redeemed_by IS NULL AND expires_at <= now()")
+    args += [max(1, min(limit, 1000)), max(0, offset)]
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    rows = await conn.fetch(
+        "SELECT prefix, amount_nano, batch_id, expires_at, redeemed_by, redeemed_at, created_at"
+        f" FROM redemption_codes{clause} ORDER BY batch_id DESC, created_at DESC, prefix"
+        f" LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+    return [dict(r) for r in rows]
+
+
+async def audit_entries(
+    conn: asyncpg.Connection,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    limit: int = 100,
+    before_id: int | None = None,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """The audit log, newest first, one page: (rows, before_id of the next page or None)."""
+    limit = max(1, min(limit, 1000))
+    where, args = _filters(start, end, "at", actor=actor, action=action, target=target)
+    clauses = [where[len(" WHERE "):]] if where else []
+    if before_id is not None:
+        args.append(before_id)
+        clauses.append(f"id < ${len(args)}")
+    args.append(limit + 1)
+    clause = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    rows = await conn.fetch(
+        f"SELECT id, at, actor, action, target, detail::text AS detail FROM audit_log{clause}"
+        f" ORDER BY id DESC LIMIT ${len(args)}", *args)
+    out = []
+    for r in rows:
+        d = dict(r)
+        d["detail"] = orjson.loads(d["detail"])
+        out.append(d)
+    more = len(out) > limit
+    out = out[:limit]
+    return out, (out[-1]["id"] if more else None)
