@@ -492,3 +492,91 @@ async def test_sdk_calls_are_billed_with_upstream_usage(gw: Harness, ident: tupl
         ("messages", True, 200, IN - 4, OUT, 4, "upstream"),
     ])
     assert all(r["cost_nano"] > 0 for r in rows)
+
+
+# --- other client configurations ------------------------------------------------------------
+
+
+async def test_openai_base_url_without_v1(gw: Harness, ident: tuple[int, int, str]) -> None:
+    async with openai.AsyncOpenAI(base_url=gw.url, api_key=ident[2], max_retries=0) as client:
+        c = await client.chat.completions.create(model=GPT, messages=HI, extra_body=FIXED)
+    assert c.usage is not None and c.usage.completion_tokens == OUT
+
+
+async def test_anthropic_auth_token_is_bearer(gw: Harness, ident: tuple[int, int, str]) -> None:
+    # ANTHROPIC_AUTH_TOKEN (Claude Code's proxy setting) sends Authorization: Bearer.
+    async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=ident[2], api_key=None,
+                                        max_retries=0) as client:
+        m = await client.messages.create(model=CLAUDE, max_tokens=64, messages=HI, extra_body=FIXED)
+    assert m.usage.output_tokens == OUT
+    assert gw.mock.stats.last_headers["x-api-key"] == "upstream-secret-credential"
+    assert "authorization" not in gw.mock.stats.last_headers
+
+
+# --- failures after the stream started ---------------------------------------------------------
+
+
+async def test_openai_mid_stream_failure_raises_in_the_sdk(oai: openai.AsyncOpenAI) -> None:
+    stream = await oai.chat.completions.create(model=GPT, messages=HI, stream=True,
+                                               extra_body={"mock": {"fail": "reset", "fail_after": 2}})
+    got = []
+    with pytest.raises(openai.APIError) as ei:
+        async for chunk in stream:
+            got.append(chunk)
+    assert got  # the first parts arrived before the error event
+    assert isinstance(ei.value.body, dict)
+    assert ei.value.body["code"] == "upstream_error"
+
+
+async def test_anthropic_mid_stream_failure_raises_in_the_sdk(ant: anthropic.AsyncAnthropic) -> None:
+    with pytest.raises(anthropic.APIStatusError) as ei:
+        async with ant.messages.stream(model=CLAUDE, max_tokens=64, messages=HI,
+                                       extra_body={"mock": {"fail": "reset", "fail_after": 2}}) as stream:
+            await stream.get_final_message()
+    assert isinstance(ei.value.body, dict)
+    assert ei.value.body["type"] == "error"
+    assert ei.value.body["error"]["type"] in ("api_error", "overloaded_error")
+
+
+# --- one SDK, the other protocol's channel (translated) -----------------------------------------
+# A translated body is rebuilt in the other protocol, so the unknown "mock" field does not
+# survive; the mock's header controls do.
+FIXED_H = {"x-mock-input-tokens": str(IN)}
+TOOL_H = {**FIXED_H, "x-mock-tool-call": "1"}
+
+
+async def test_openai_sdk_chat_on_an_anthropic_model(oai: openai.AsyncOpenAI) -> None:
+    c = await oai.chat.completions.create(model=CLAUDE, messages=HI, extra_headers=FIXED_H)
+    assert c.choices[0].message.content == "hello " * OUT
+    assert c.usage is not None and (c.usage.prompt_tokens, c.usage.completion_tokens) == (IN, OUT)
+    async with oai.chat.completions.stream(model=CLAUDE, messages=HI, tools=[WEATHER_FN],  # type: ignore[list-item]
+                                           stream_options={"include_usage": True},
+                                           extra_headers=TOOL_H) as s:
+        final = await s.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert calls is not None and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == WEATHER_ARGS
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.usage is not None and final.usage.prompt_tokens == IN
+
+
+async def test_anthropic_sdk_on_an_openai_model(ant: anthropic.AsyncAnthropic) -> None:
+    m = await ant.messages.create(model=GPT, max_tokens=64, messages=HI, extra_headers=FIXED_H)
+    assert m.content[0].type == "text" and m.content[0].text == "hello " * OUT
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (IN, OUT)
+    async with ant.messages.stream(model=GPT, max_tokens=64, messages=HI, tools=[WEATHER_TOOL],  # type: ignore[list-item]
+                                   extra_headers=TOOL_H) as stream:
+        final = await stream.get_final_message()
+    block = final.content[0]
+    assert block.type == "tool_use" and block.name == "get_weather" and block.input == WEATHER_ARGS
+    assert final.stop_reason == "tool_use"
+    assert final.usage.input_tokens == IN
+
+
+async def test_openai_responses_on_an_anthropic_model(oai: openai.AsyncOpenAI) -> None:
+    async with oai.responses.stream(model=CLAUDE, input="hi", instructions="be brief", extra_headers=FIXED_H) as s:
+        deltas = [e.delta async for e in s if e.type == "response.output_text.delta"]
+        final = await s.get_final_response()
+    assert "".join(deltas) == "hello " * OUT
+    assert final.output_text == "hello " * OUT
+    assert final.usage is not None and final.usage.output_tokens == OUT
