@@ -519,10 +519,10 @@ async def test_anthropic_auth_token_is_bearer(gw: Harness, ident: tuple[int, int
 async def test_openai_mid_stream_failure_raises_in_the_sdk(oai: openai.AsyncOpenAI) -> None:
     stream = await oai.chat.completions.create(model=GPT, messages=HI, stream=True,
                                                extra_body={"mock": {"fail": "reset", "fail_after": 2}})
-    got = []
+    got: list[Any] = []
     with pytest.raises(openai.APIError) as ei:
         async for chunk in stream:
-            got.append(chunk)
+            got.append(chunk)  # noqa: PERF401 - the parts before the error are the point
     assert got  # the first parts arrived before the error event
     assert isinstance(ei.value.body, dict)
     assert ei.value.body["code"] == "upstream_error"
