@@ -297,6 +297,8 @@ class Admin:
             yield conn
 
     async def _user(self, conn: Any, ref: str | int) -> store.User:
+        if ref == "":
+            raise E.InvalidRequest("user: required (the user's id or name)")
         u = await store.get_user(conn, _ref(ref) if isinstance(ref, str) else ref)
         if u is None:
             raise E.NotFound(f"user {ref!r} not found")
