@@ -174,12 +174,14 @@ _STR_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is str)
 _INT_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is int)
 
 # Fast path: ask which of the batch's rows are logged already (a replay, a retry after
-# a lost commit reply), COPY the others straight into usage_log (partition routing and
-# multi-row inserts happen in the server's COPY path), then aggregate from arrays. COPY
-# is several times cheaper per row than INSERT ... ON CONFLICT, whose speculative
-# insertion pays for every row the price of a possible conflict that almost never is.
-# If another flusher commits one of the rows between our check and our COPY, the
-# unique index stops the COPY and the batch goes again through the slow path below.
+# a lost commit reply) and leave those out; COPY the others into a temp table (no WAL,
+# no index); move them into usage_log with a plain INSERT ... SELECT; aggregate from
+# the temp table. Measured (bench/RESULTS.md) against the first design, a staged
+# INSERT ... ON CONFLICT DO NOTHING RETURNING feeding a CTE: speculative insertion pays
+# for every row the price of a conflict that almost never happens, and aggregating
+# from a RETURNING list or from parameter arrays cost more than the insert itself.
+# If another flusher commits one of the rows between our check and our insert, the
+# unique index stops the insert and the batch goes again through the slow path.
 _EXISTING = (
     "SELECT request_id, ts FROM usage_log"
     " WHERE ts >= $2 AND ts <= $3 AND request_id = ANY($1::text[])"
@@ -189,38 +191,43 @@ _CREATE_STAGE = (
     f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE usage_log INCLUDING DEFAULTS)"
     " ON COMMIT DELETE ROWS"
 )
+_COLS = ", ".join(_COLUMNS)
+_INSERT_STAGED = f"INSERT INTO usage_log ({_COLS}) SELECT {_COLS} FROM {_STAGE}"
 # Slow path: rows not already there, in key order so two flushers inserting overlapping
-# rows wait on each other instead of deadlocking.
-_INSERT_STAGED = f"""
-INSERT INTO usage_log ({", ".join(_COLUMNS)})
-SELECT {", ".join(_COLUMNS)} FROM {_STAGE} ORDER BY request_id, ts
-ON CONFLICT DO NOTHING
-RETURNING request_id, ts
+# rows wait on each other instead of deadlocking; the rows that were there already
+# leave the stage, so what remains is exactly what to charge.
+_INSERT_STAGED_IDEMPOTENT = f"""
+WITH ins AS (
+    INSERT INTO usage_log ({_COLS})
+    SELECT {_COLS} FROM {_STAGE} ORDER BY request_id, ts
+    ON CONFLICT DO NOTHING
+    RETURNING request_id, ts
+), old AS (
+    DELETE FROM {_STAGE} s
+    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.request_id = s.request_id AND ins.ts = s.ts)
+)
+SELECT count(*) FROM ins
 """
 
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
            "reasoning_tokens")
-# Columns (by position in _COLUMNS) the aggregate statement reads, and their array types.
-_AGG_COLS = (
-    ("ts", "timestamptz"), ("user_id", "bigint"), ("key_id", "bigint"),
-    ("group_name", "text"), ("model", "text"), ("status", "integer"), ("error_code", "text"),
-    *((t, "bigint") for t in _TOKENS), ("cost_nano", "bigint"), ("latency_ms", "integer"),
-    ("ttfb_ms", "integer"), ("plan_id", "bigint"),
-)
-_AGG_IDX = tuple(_COLUMNS.index(c) for c, _ in _AGG_COLS)
-# The new rows' hourly upsert and per-user / per-key / per-plan sums, in one statement.
+# The staged (= new) rows' hourly upsert and per-user / per-key / per-plan sums, in one
+# statement. `g` is small (one row per hour, user, key, group, model and plan), so the
+# sums are read from it rather than from the rows again.
 _AGGREGATE = f"""
-WITH n AS (
-    SELECT * FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, (_, t) in enumerate(_AGG_COLS))})
-        AS t({", ".join(c for c, _ in _AGG_COLS)})
+WITH g AS (
+    SELECT date_trunc('hour', ts, 'UTC') AS hour, user_id, key_id, group_name, model, plan_id,
+        count(*) AS requests, count(*) FILTER (WHERE status >= 400 OR error_code <> '') AS errors,
+        {", ".join(f"sum({t}) AS {t}" for t in _TOKENS)}, sum(cost_nano) AS cost_nano,
+        sum(latency_ms) AS latency_ms_sum, sum(ttfb_ms) AS ttfb_ms_sum, max(ts) AS last_at
+    FROM {_STAGE} GROUP BY 1, 2, 3, 4, 5, 6
 ), hourly AS (
     INSERT INTO usage_hourly (hour, user_id, key_id, group_name, model, requests, errors,
         {", ".join(_TOKENS)}, cost_nano, latency_ms_sum, ttfb_ms_sum, last_at)
-    SELECT date_trunc('hour', ts, 'UTC'), user_id, key_id, group_name, model, count(*),
-        count(*) FILTER (WHERE status >= 400 OR error_code <> ''),
-        {", ".join(f"sum({t})" for t in _TOKENS)}, sum(cost_nano), sum(latency_ms),
-        sum(ttfb_ms), max(ts)
-    FROM n GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+    SELECT hour, user_id, key_id, group_name, model, sum(requests), sum(errors),
+        {", ".join(f"sum({t})" for t in _TOKENS)}, sum(cost_nano), sum(latency_ms_sum),
+        sum(ttfb_ms_sum), max(last_at)
+    FROM g GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
     ON CONFLICT (hour, user_id, key_id, group_name, model) DO UPDATE SET
         requests = usage_hourly.requests + EXCLUDED.requests,
         errors = usage_hourly.errors + EXCLUDED.errors,
@@ -231,11 +238,11 @@ WITH n AS (
         last_at = greatest(usage_hourly.last_at, EXCLUDED.last_at)
 )
 SELECT 0 AS kind, user_id AS id, sum(cost_nano)::bigint AS delta
-    FROM n WHERE plan_id = 0 GROUP BY user_id
+    FROM g WHERE plan_id = 0 GROUP BY user_id
 UNION ALL
-SELECT 1, key_id, sum(cost_nano)::bigint FROM n GROUP BY key_id
+SELECT 1, key_id, sum(cost_nano)::bigint FROM g GROUP BY key_id
 UNION ALL
-SELECT 2, plan_id, sum(cost_nano)::bigint FROM n WHERE plan_id <> 0 GROUP BY plan_id
+SELECT 2, plan_id, sum(cost_nano)::bigint FROM g WHERE plan_id <> 0 GROUP BY plan_id
 """
 
 # Lock in id order (the LockRows node sits above the Sort), then update from the arrays.
@@ -370,30 +377,30 @@ async def write_batch(conn: asyncpg.Connection, batch: list[UsageRecord]) -> Flu
             ids = [t[0] for t in rows]
             times = [t[1] for t in rows]
             logged = await conn.fetch(_EXISTING, ids, min(times), max(times))
+            fresh = rows
             if logged:
                 old = {(r[0], r[1]) for r in logged}
-                rows = [t for t in rows if (t[0], t[1]) not in old]
-            if rows:
-                await conn.copy_records_to_table("usage_log", records=rows, columns=_COLUMNS)
-            res = await _account(conn, rows)
+                fresh = [t for t in rows if (t[0], t[1]) not in old]
+            if fresh:
+                await conn.copy_records_to_table(_STAGE, records=fresh, columns=_COLUMNS)
+                await conn.execute(_INSERT_STAGED)
+            res = await _account(conn, len(fresh))
     except asyncpg.UniqueViolationError:
         async with conn.transaction():
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_COLUMNS)
-            new = {(r[0], r[1]) for r in await conn.fetch(_INSERT_STAGED)}
-            res = await _account(conn, [t for t in rows if (t[0], t[1]) in new])
+            res = await _account(conn, await conn.fetchval(_INSERT_STAGED_IDEMPOTENT))
     res.rejected = rejected
     return res
 
 
-async def _account(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> FlushResult:
-    """Hourly aggregates and charges for `rows`, just inserted in this transaction."""
+async def _account(conn: asyncpg.Connection, inserted: int) -> FlushResult:
+    """Hourly aggregates and charges for the `inserted` rows left in the stage."""
     users: dict[int, int] = {}
     keys: dict[int, int] = {}
     plans: dict[int, int] = {}
-    if not rows:
+    if not inserted:
         return FlushResult(0, users, keys, plans)
-    cols = list(zip(*rows, strict=True))
-    for kind, ident, delta in await conn.fetch(_AGGREGATE, *(cols[i] for i in _AGG_IDX)):
+    for kind, ident, delta in await conn.fetch(_AGGREGATE):
         (users, keys, plans)[kind][ident] = delta
     user_ids = sorted(i for i, d in users.items() if d)
     if user_ids:
@@ -405,7 +412,7 @@ async def _account(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> Flu
         await conn.execute(_CHARGE_KEYS, key_ids, [keys[i] for i in key_ids])
     if plans and _PLAN_DELTAS_HOOK is not None:
         await _PLAN_DELTAS_HOOK(conn, plans)
-    return FlushResult(len(rows), users, keys, plans)
+    return FlushResult(inserted, users, keys, plans)
 
 
 # --- the flusher -------------------------------------------------------------------

@@ -16,13 +16,14 @@ import asyncpg
 import orjson
 
 from accounting import pricing
+from accounting.money import parse_multiplier
 from accounting.records import Usage
 
 _LOG_COLS = (
     "request_id, ts, user_id, key_id, group_name, model, upstream_model, channel, protocol,"
     " route, stream, status, error_code, input_tokens, output_tokens, cache_read_tokens,"
     " cache_write_tokens, reasoning_tokens, usage_source, cost_nano, price_version, latency_ms,"
-    " ttfb_ms, attempts, channels_tried, client_request_id, client_ip, plan_id"
+    " ttfb_ms, attempts, channels_tried, client_request_id, client_ip, plan_id, multiplier"
 )
 _SUMS = (
     "sum(requests)::bigint AS requests, sum(errors)::bigint AS errors,"
@@ -62,14 +63,26 @@ async def usage_row(
 
 
 def explain(
-    row: dict[str, Any], price: pricing.PriceRow, multiplier: Fraction = Fraction(1)
+    row: dict[str, Any],
+    price: pricing.PriceRow,
+    multiplier: Fraction | None = None,
+    *,
+    fallback: Fraction | None = None,
 ) -> dict[str, Any]:
     """The bill of a logged request: tokens × its price version × multiplier, the rounding,
     and whether that reproduces the cost actually charged.
 
-    `multiplier` is the group's; the row does not keep it, so pass the one in force then
-    (a changed multiplier shows up here as `matches_charged: false`).
+    The multiplier is the one stored in the row, the one actually applied at
+    settlement. A row logged before the column existed stores '' : `fallback` (the
+    group's multiplier, which may have changed since) is used for it, else 1. An
+    explicit `multiplier` overrides both (a what-if). `multiplier_source` says which
+    one the bill used: "row", "argument", "fallback" or "none".
     """
+    source = "argument"
+    if multiplier is None:
+        multiplier, source = _row_multiplier(row)
+        if multiplier is None:
+            multiplier, source = (fallback, "fallback") if fallback is not None else (Fraction(1), "none")
     usage = Usage(
         input=row["input_tokens"], output=row["output_tokens"],
         cache_read=row["cache_read_tokens"], cache_write=row["cache_write_tokens"],
@@ -80,10 +93,21 @@ def explain(
     out["usage_source"] = row["usage_source"]
     out["charged_nano"] = row["cost_nano"]
     out["matches_charged"] = out["cost_nano"] == row["cost_nano"]
+    out["multiplier_source"] = source
     if price.version != row["price_version"]:
         out["warning"] = (f"row was priced with version {row['price_version']},"
                           f" explained with version {price.version}")
     return out
+
+
+def _row_multiplier(row: dict[str, Any]) -> tuple[Fraction | None, str]:
+    text = row.get("multiplier") or ""
+    if not text:
+        return None, "none"
+    try:
+        return parse_multiplier(text), "row"
+    except ValueError:
+        return None, "none"
 
 
 def _filters(start: datetime | None, end: datetime | None, col: str, **eq: Any) -> tuple[str, list[Any]]:

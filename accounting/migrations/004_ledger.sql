@@ -2,10 +2,11 @@
 --
 -- `multiplier` is the exact fraction (as text, e.g. '4/5') the request's cost was
 -- multiplied by, so `usage show` reproduces an old bill even after the group's
--- multiplier changed. Rows written before this migration read '1'; for them the
--- report falls back to the group's current multiplier. Adding a column with a
--- constant default is a catalog-only change, even on a large partitioned table.
-ALTER TABLE usage_log ADD COLUMN multiplier text NOT NULL DEFAULT '1';
+-- multiplier changed. Rows written before this migration read '' ("not recorded":
+-- reports fall back to the group's multiplier); rows inserted without one read '1'.
+-- Both steps are catalog-only (a constant default), even on a large partitioned table.
+ALTER TABLE usage_log ADD COLUMN multiplier text NOT NULL DEFAULT '';
+ALTER TABLE usage_log ALTER COLUMN multiplier SET DEFAULT '1';
 
 -- Every index on usage_log is paid on each of the flusher's rows. Per-model figures
 -- come from usage_hourly (usage_hourly_model_idx); the request log narrowed by model
