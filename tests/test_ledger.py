@@ -1,5 +1,5 @@
 """The ledger and its flusher against a real Postgres: idempotence, exact aggregated
-charges, concurrent flushers, outages, spill, partitions."""
+charges, concurrent flushers, outages, spill, partitions, poison rows, the multiplier."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 
 import asyncpg
+import orjson
+import pytest
 
+from accounting import journal as jn
+from accounting import reports
 from accounting.journal import Journal
-from accounting.ledger import Flusher, Ledger, write_batch
+from accounting.ledger import Flusher, Ledger, pg_timestamp, write_batch
 from accounting.ledger import prepare as prepare_stage
+from accounting.pricing import PriceRow, cost_nano
 from accounting.records import Usage, UsageRecord
 
 
@@ -63,6 +69,10 @@ def closed_port_dsn(pg_dsn: str) -> str:
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     return f"postgresql://postgres@127.0.0.1:{port}/nothing"
+
+
+def read_file(path: str | Path) -> bytes:
+    return Path(path).read_bytes()
 
 
 async def balance(pg: asyncpg.Connection, uid: int) -> int:
@@ -258,3 +268,145 @@ def test_record_is_synchronous_and_bounded(tmp_path: Path) -> None:
     for _ in range(30):
         ledger.record(rec(1, 1, 1))
     assert len(ledger.pending) == 10 and ledger.backlog == 31
+
+
+# --- round two: poison rows, the fast path's exactness and races, the multiplier ----------
+
+
+async def test_poison_rows_between_good_ones_go_to_the_dead_letter_file(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uid, (kid,) = await make_account(pg, balance=10**9)
+    good = [rec(uid, kid, 100 + i) for i in range(40)]
+    nul = rec(uid, kid, 5)
+    nul.model = "gpt\x00evil"  # passes the type checks, refused by Postgres (22021)
+    huge = rec(uid, kid, 6)
+    huge.status = 2**40  # too big for an integer column: refused by the encoder
+    nocost = rec(uid, kid, 7)
+    nocost.cost_nano = None  # type: ignore[assignment]  # refused before COPY
+    coerced = rec(uid, kid, 8)
+    coerced.channel = None  # type: ignore[assignment]  # a missing text field reads ''
+    rows = [*good[:20], nul, huge, coerced, nocost, *good[20:]]
+    journal = Journal(tmp_path, name="poison")
+    ledger = Ledger(journal, flush_rows=1000)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=1000)
+    flusher.start()
+    for r in rows:
+        ledger.record(r)
+    assert await flusher.stop(timeout=30)
+
+    assert flusher.failures == 0 and flusher.deadletter_rows == 3
+    warnings = [r for r in caplog.records if "set aside" in r.getMessage()]
+    assert len(warnings) == 1 and "3 of 44 rows" in warnings[0].getMessage()
+    assert flusher.stats()["deadletter_rows_total"] == 3
+    assert flusher.flushed_rows == 41
+    ids = [r.request_id for r in [*good, coerced]]
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)", ids) == 41
+    assert await pg.fetchval(
+        "SELECT channel FROM usage_log WHERE request_id = $1", coerced.request_id) == ""
+    assert await balance(pg, uid) == 10**9 - sum(r.cost_nano for r in good) - 8
+    dead = [orjson.loads(line) for line in read_file(tmp_path / "deadletter-poison.jsonl").splitlines()]
+    assert sorted(d["row"]["request_id"] for d in dead) == sorted(
+        r.request_id for r in (nul, huge, nocost))
+    errors = {d["row"]["request_id"]: d["error"] for d in dead}
+    assert "cost_nano" in errors[nocost.request_id]
+    assert errors[nul.request_id] and errors[huge.request_id]
+    # The journal let go of the batch only once both halves were safe.
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".wal")] == []
+
+
+async def test_dead_letter_file_unwritable_keeps_the_batch_in_the_journal(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    uid, (kid,) = await make_account(pg, balance=10**9)
+    bad = rec(uid, kid, 1)
+    bad.route = "x\x00y"
+    rows = [rec(uid, kid, 10), bad, rec(uid, kid, 20)]
+    ledger = Ledger(Journal(tmp_path / "j", name="dl"), flush_rows=100)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=100, max_backoff_s=0.05,
+                      deadletter_path=str(tmp_path / "missing-dir" / "dl.jsonl"))
+    flusher.start()
+    for r in rows:
+        ledger.record(r)
+    await until(lambda: flusher.failures >= 2)
+    assert ledger.backlog == 3 and flusher.deadletter_rows == 0  # nothing released
+    (tmp_path / "missing-dir").mkdir()
+    await until(lambda: ledger.backlog == 0)
+    assert await flusher.stop(timeout=10)
+    assert flusher.deadletter_rows == 1
+    assert read_file(tmp_path / "missing-dir" / "dl.jsonl").count(b"\n") == 1
+    assert await balance(pg, uid) == 10**9 - 30  # the good rows, charged once despite retries
+
+
+async def test_python_timestamps_match_postgres_to_timestamp(pg: asyncpg.Connection) -> None:
+    rng = random.Random(11)
+    now = time.time()
+    values = [now + rng.uniform(-10**6, 10**6) for _ in range(3000)]
+    # Half-microsecond ties and values that float rounding pushes either way.
+    values += [1_700_000_000 + (k + 0.5) / 1e6 for k in range(200)]
+    values += [float(int(now)), 0.0, 1e-7, 253_402_300_799.0]
+    want = await pg.fetch("SELECT to_timestamp(x) FROM unnest($1::float8[]) AS x", values)
+    assert [pg_timestamp(v) for v in values] == [r[0] for r in want]
+
+
+async def test_a_row_committed_by_another_flusher_meanwhile_is_charged_once(
+    pg: asyncpg.Connection, pg_dsn: str
+) -> None:
+    uid, (kid,) = await make_account(pg, balance=10**9)
+    rows = [rec(uid, kid, 1000 + i) for i in range(30)]
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        await prepare_stage(pg)
+        await prepare_stage(other)
+        tr = other.transaction()
+        await tr.start()
+        await write_batch(other, rows[10:12])  # not committed yet: our check cannot see it
+        task = asyncio.create_task(write_batch(pg, rows))
+        await asyncio.sleep(0.3)  # our insert now waits on the other's index entries
+        assert not task.done()
+        await tr.commit()
+        res = await task
+    finally:
+        await other.close()
+    assert res.inserted == 28 and res.key_deltas == {
+        kid: sum(r.cost_nano for r in rows) - rows[10].cost_nano - rows[11].cost_nano}
+    assert await balance(pg, uid) == 10**9 - sum(r.cost_nano for r in rows)
+    assert await pg.fetchval(
+        "SELECT sum(requests) FROM usage_hourly WHERE key_id = $1", kid) == 30
+
+
+async def test_multiplier_is_stored_and_explains_the_bill(pg: asyncpg.Connection) -> None:
+    uid, (kid,) = await make_account(pg)
+    price = PriceRow(version=1, model="gpt-4o-mini", input=150_000_000, output=600_000_000,
+                     cache_read=75_000_000, cache_write=187_500_000)
+    r = rec(uid, kid, 0)
+    r.multiplier = "4/5"
+    r.cost_nano = cost_nano(r.usage, price, Fraction(4, 5))
+    await prepare_stage(pg)
+    await write_batch(pg, [r])
+    row = await reports.usage_row(pg, r.request_id)
+    assert row is not None and row["multiplier"] == "4/5"
+    # The group's multiplier has changed since: the row's own still explains the charge.
+    bill = reports.explain(row, price, fallback=Fraction(2))
+    assert bill["matches_charged"] and bill["multiplier_source"] == "row"
+    legacy = dict(row, multiplier="")  # a row logged before the column existed
+    assert reports.explain(legacy, price, fallback=Fraction(4, 5))["multiplier_source"] == "fallback"
+    assert reports.explain(legacy, price)["matches_charged"] is False
+    assert reports.explain(row, price, Fraction(1))["multiplier_source"] == "argument"
+
+
+async def test_deferred_journal_writes_land_once_per_loop_iteration(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, name="defer")
+    ledger = Ledger(journal)
+    ledger.defer_writes(asyncio.get_running_loop())
+    rows = [rec(1, 1, i) for i in range(50)]
+    for r in rows:
+        ledger.record(r)
+    path = journal.paths[0]
+    assert read_file(path) == b"" and journal.seq == 50  # buffered, not yet written
+    await asyncio.sleep(0)
+    assert jn.parse(read_file(path))[0] == rows  # one write at the iteration's end
+    ledger.defer_writes(None)
+    ledger.record(rows[0])  # immediate again
+    assert len(jn.parse(read_file(path))[0]) == 51
+    journal.close(delete=True)
