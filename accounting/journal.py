@@ -69,8 +69,9 @@ def decode(payload: bytes) -> UsageRecord:
         usage_source=t[19], cost_nano=t[20], price_version=t[21], latency_ms=t[22],
         ttfb_ms=t[23], attempts=t[24], channels_tried=t[25], client_request_id=t[26],
         client_ip=t[27], plan_id=t[28],
-        # Appended fields: a record written before they existed reads their default.
-        multiplier=t[29] if len(t) > 29 else "1",
+        # Appended fields. A record written before `multiplier` existed reads "" (not
+        # recorded), which reports explain with the group's multiplier.
+        multiplier=t[29] if len(t) > 29 else "",
     )
 
 

@@ -10,9 +10,11 @@ import signal
 import sys
 import textwrap
 import uuid
+import zlib
 from pathlib import Path
 
 import asyncpg
+import orjson
 from test_ledger import balance, make_account, rec
 
 from accounting import journal as jn
@@ -28,8 +30,19 @@ def test_roundtrip_keeps_every_field(tmp_path: Path) -> None:
     r.client_ip = "10.0.0.1"
     r.channels_tried = "a,b"
     r.attempts = 2
+    r.multiplier = "4/5"
     out, used, skipped = parse(encode(r))
     assert out == [r] and skipped == 0 and used == len(encode(r))
+
+
+def test_record_from_before_the_multiplier_reads_it_as_not_recorded() -> None:
+    r = rec(3, 4, 12345)
+    t = orjson.loads(encode(r)[jn._HDR_SIZE:])
+    assert len(t) == 30
+    payload = orjson.dumps(t[:29])  # the layout journals were written in before
+    frame = jn._HDR.pack(jn.MAGIC, len(payload), zlib.crc32(payload)) + payload
+    (old,), _, _ = parse(frame)
+    assert old.multiplier == "" and old.request_id == r.request_id and old.plan_id == 0
 
 
 def test_torn_last_record_is_ignored() -> None:
