@@ -213,10 +213,10 @@ def replay(directory: str | os.PathLike[str]) -> list[UsageRecord]:
 class Journal:
     """This worker's journal: `append` on the hot path, the rest from the flusher.
 
-    Two ways to append. `append()` writes the frame at once. `append_deferred()` adds it
-    to a buffer that is written with one `os.write` by a callback the event loop runs
-    once per iteration (see `defer()`), so a burst of rows settled in one iteration
-    costs one syscall. The price is a window: a kill -9 of the worker loses the rows
+    Two ways to append. `append()` writes the frame at once. `append_deferred()` adds the
+    row to a buffer that a callback the event loop runs once per iteration (see
+    `defer()`) encodes and writes with one `os.write`: the hot-path call is a list
+    append, and a burst of rows settled in one iteration costs one syscall. The price is a window: a kill -9 of the worker loses the rows
     settled in the current loop iteration, before its end (microseconds to a
     millisecond), whose clients may already have had their last byte. The ledger uses
     deferred appends only while a flusher runs; during a spill (rows that live only in
@@ -224,7 +224,7 @@ class Journal:
     """
 
     __slots__ = (
-        "_buf", "_buf_rows", "_current", "_dirty", "_name", "_next_no", "_schedule",
+        "_buf", "_current", "_dirty", "_name", "_next_no", "_schedule",
         "_segment_bytes", "_segments", "directory", "seq", "write_errors",
     )
 
@@ -242,8 +242,7 @@ class Journal:
         self._segments: list[Segment] = []
         self._next_no = 0
         self._dirty = False
-        self._buf: list[bytes] = []
-        self._buf_rows = 0
+        self._buf: list[UsageRecord] = []
         self._schedule: Callable[[Callable[[], None]], object] | None = None
         self.seq = 0  # rows appended so far (written, or buffered to be written)
         self.write_errors = 0
@@ -282,19 +281,20 @@ class Journal:
         return True
 
     def append_deferred(self, rec: UsageRecord) -> None:
-        """Buffer one row for the write at the end of this loop iteration.
+        """Take one row for the write at the end of this loop iteration (encoded then too,
+        so this call costs a list append).
 
         The row takes its sequence number now. If the later write fails, the row keeps
         its place in the sequence without bytes on disk (counted in `write_errors`):
-        the caller must hold such rows in memory until they are committed.
+        the caller must hold such rows in memory until they are committed. The caller
+        must not change `rec` afterwards.
         """
         buf = self._buf
         if not buf:
             if self._schedule is None:
                 raise RuntimeError("append_deferred without defer()")
             self._schedule(self.write_buffered)
-        buf.append(encode(rec))
-        self._buf_rows += 1
+        buf.append(rec)
         self.seq += 1
 
     def defer(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
@@ -306,12 +306,12 @@ class Journal:
 
     def write_buffered(self) -> None:
         """Write the deferred rows with one `os.write`; idempotent when there are none."""
-        if not self._buf:
+        buf = self._buf
+        if not buf:
             return
-        data = b"".join(self._buf)
-        rows = self._buf_rows
-        self._buf.clear()
-        self._buf_rows = 0
+        data = b"".join(map(encode, buf))
+        rows = len(buf)
+        buf.clear()
         seg = self._current
         if seg.size >= self._segment_bytes:
             seg = self._rotate(first_seq=self.seq - rows)
@@ -339,7 +339,7 @@ class Journal:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         seg = Segment(no=no, path=path, fd=fd,
-                      first_seq=self.seq - self._buf_rows if first_seq is None else first_seq)
+                      first_seq=self.seq - len(self._buf) if first_seq is None else first_seq)
         self._segments.append(seg)
         return seg
 

@@ -251,6 +251,9 @@ _CHARGE_USERS = (
     "UPDATE users AS u SET balance_nano = u.balance_nano - d.delta"
     " FROM unnest($1::bigint[], $2::bigint[]) AS d(id, delta) WHERE u.id = d.id"
 )
+# Marks this transaction's key updates as spend only: no change-feed version bump
+# (migration 004 explains why; the users' balance does bump: it is the feed).
+_SPEND_ONLY = "SET LOCAL tollway.ledger_charge = 'on'"
 _LOCK_KEYS = "SELECT 1 FROM keys WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"
 _CHARGE_KEYS = (
     "UPDATE keys AS k SET spent_nano = k.spent_nano + d.delta"
@@ -409,6 +412,7 @@ async def _account(conn: asyncpg.Connection, inserted: int) -> FlushResult:
     key_ids = sorted(i for i, d in keys.items() if d)
     if key_ids:
         await conn.execute(_LOCK_KEYS, key_ids)
+        await conn.execute(_SPEND_ONLY)
         await conn.execute(_CHARGE_KEYS, key_ids, [keys[i] for i in key_ids])
     if plans and _PLAN_DELTAS_HOOK is not None:
         await _PLAN_DELTAS_HOOK(conn, plans)

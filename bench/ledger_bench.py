@@ -1,11 +1,20 @@
 """Ledger micro/throughput benchmark: cost of `Ledger.record()` on the hot path, and
-rows per second the flusher moves into Postgres (COPY, idempotent insert, hourly
-upsert, aggregated balance/key charges).
+rows per second the flusher moves into Postgres (existing-row check, COPY, insert,
+hourly upsert, aggregated balance/key charges).
 
     .venv/bin/python bench/ledger_bench.py [--dsn postgresql://postgres@127.0.0.1:5432/test]
-        [--rows 500000] [--flush-rows 5000] [--users 1000] [--keys-per-user 2]
+        [--rows 500000] [--flush-rows 5000] [--max-batch-factor 8] [--users 1000]
+        [--keys-per-user 2] [--burst 32] [--async-commit]
 
-A throwaway database is created on the server named by --dsn, migrated, and dropped.
+record() is measured three ways: memory only; writing each row to the journal at
+once (no event loop: what a script or the crash test sees); and deferred, as in a
+worker with a running flusher: bursts of `--burst` rows per loop iteration, the
+per-iteration journal write included in the figure. The flusher figure is a catch-up:
+every row is recorded first, then the flusher drains them (the batch grows up to
+flush_rows * max_batch_factor). `--async-commit` runs the flusher's session with
+synchronous_commit=off, to measure what the docstring of accounting.ledger.Flusher
+argues against. A throwaway database is created on the server named by --dsn,
+migrated, and dropped.
 """
 
 from __future__ import annotations
@@ -64,11 +73,30 @@ def bench_record(rows: list[UsageRecord], journal_dir: str | None) -> float:
     return dt / len(rows) * 1e6
 
 
-async def bench_flush(dsn: str, rows: list[UsageRecord], flush_rows: int, jdir: str) -> tuple[float, Flusher]:
+async def bench_record_deferred(rows: list[UsageRecord], journal_dir: str, burst: int) -> float:
+    """Mean µs per row with per-iteration journal writes, the writes included."""
+    journal = Journal(journal_dir)
+    ledger = Ledger(journal, max_pending_rows=len(rows) + 1, flush_rows=len(rows) + 1)
+    ledger.defer_writes(asyncio.get_running_loop())
+    rec = ledger.record
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), burst):
+        for r in rows[i:i + burst]:
+            rec(r)
+        await asyncio.sleep(0)  # the iteration ends: its rows are written in one call
+    dt = time.perf_counter() - t0
+    assert journal.seq == len(rows) and journal.write_errors == 0
+    journal.close(delete=True)
+    return dt / len(rows) * 1e6
+
+
+async def bench_flush(dsn: str, rows: list[UsageRecord], flush_rows: int, jdir: str,
+                      factor: int) -> tuple[float, Flusher]:
     ledger = Ledger(Journal(jdir), max_pending_rows=len(rows) + 1, flush_rows=flush_rows)
     for r in rows:
         ledger.record(r)
-    flusher = Flusher(ledger, dsn, flush_interval_ms=1, flush_rows=flush_rows)
+    flusher = Flusher(ledger, dsn, flush_interval_ms=1, flush_rows=flush_rows,
+                      max_batch_factor=factor)
     t0 = time.perf_counter()
     flusher.start()
     ok = await flusher.stop(timeout=600)
@@ -84,6 +112,9 @@ async def main() -> None:
     ap.add_argument("--flush-rows", type=int, default=5000)
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--keys-per-user", type=int, default=2)
+    ap.add_argument("--max-batch-factor", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=32)
+    ap.add_argument("--async-commit", action="store_true")
     args = ap.parse_args()
 
     db = f"tollway_bench_{secrets.token_hex(4)}"
@@ -109,13 +140,18 @@ async def main() -> None:
             bench_record(sample[:20_000], tmp)  # warm up
             mem = bench_record(sample, None)
             jr = bench_record(sample, tmp)
-            print(f"record(): {jr:.2f} µs/call with journal write, {mem:.2f} µs/call memory only"
-                  f" ({len(sample)} calls)")
+            dj = await bench_record_deferred(sample, tmp, args.burst)
+            print(f"record(): {dj:.2f} µs/row deferred journal write (bursts of {args.burst},"
+                  f" write included), {jr:.2f} µs/call immediate journal write,"
+                  f" {mem:.2f} µs/call memory only ({len(sample)} calls)")
 
             rows = make_rows(args.rows, accounts)
-            dt, flusher = await bench_flush(dsn, rows, args.flush_rows, tmp)
+            fdsn = dsn + ("?synchronous_commit=off" if args.async_commit else "")
+            dt, flusher = await bench_flush(fdsn, rows, args.flush_rows, tmp, args.max_batch_factor)
             print(f"flusher: {len(rows)} rows in {dt:.2f} s = {len(rows) / dt:,.0f} rows/s"
-                  f" (batch {args.flush_rows}, {flusher.flushes} transactions,"
+                  f" (batch {args.flush_rows} x{args.max_batch_factor},"
+                  f"{' synchronous_commit=off,' if args.async_commit else ''}"
+                  f" {flusher.flushes} transactions,"
                   f" last batch {flusher.last_flush_s * 1000:.1f} ms,"
                   f" {len(accounts)} keys / {len(uids)} users)")
             # Replay of the same rows: all duplicates, nothing charged.

@@ -410,3 +410,17 @@ async def test_deferred_journal_writes_land_once_per_loop_iteration(tmp_path: Pa
     ledger.record(rows[0])  # immediate again
     assert len(jn.parse(read_file(path))[0]) == 51
     journal.close(delete=True)
+
+
+async def test_charges_move_the_user_feed_but_not_the_key_feed(pg: asyncpg.Connection) -> None:
+    uid, (kid,) = await make_account(pg)
+    q = "SELECT (SELECT version FROM users WHERE id = $1), (SELECT version FROM keys WHERE id = $2)"
+    user_v, key_v = await pg.fetchrow(q, uid, kid)
+    await prepare_stage(pg)
+    await write_batch(pg, [rec(uid, kid, 500)])
+    user_v2, key_v2 = await pg.fetchrow(q, uid, kid)
+    assert user_v2 > user_v  # workers learn the new balance through the users feed
+    assert key_v2 == key_v  # spend is read by id; the key's configuration did not change
+    assert await spent(pg, kid) == 500
+    await pg.execute("UPDATE keys SET spent_nano = 0 WHERE id = $1", kid)  # an operator's reset
+    assert await pg.fetchval("SELECT version FROM keys WHERE id = $1", kid) > key_v

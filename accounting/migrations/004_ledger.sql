@@ -19,3 +19,20 @@ DROP INDEX IF EXISTS usage_log_model_idx;
 -- times an hour; free space on the page lets those updates be HOT (no index writes).
 -- Applies to pages written from now on.
 ALTER TABLE usage_hourly SET (fillfactor = 70);
+
+-- The flusher adds to keys.spent_nano for every key charged in a batch (thousands per
+-- transaction). Through the change-feed trigger each of those updates also drew a
+-- sequence value and changed the indexed `version`, so none could be a HOT update
+-- (four index entries written per key per batch) and every worker's key cache then
+-- re-read every charged key on its next poll, although nothing it caches had changed.
+-- Spend is not part of the feed: workers read keys.spent_nano by id on every sync
+-- (relay.worker._sync_once). So the flusher marks its transaction, and a key update
+-- made there does not bump `version`. Any other update of keys, including one of
+-- spent_nano by an operator, still does.
+DROP TRIGGER keys_version ON keys;
+CREATE TRIGGER keys_version BEFORE INSERT OR UPDATE ON keys
+    FOR EACH ROW
+    WHEN (current_setting('tollway.ledger_charge', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION tollway_bump_version();
+-- Room on each page for those HOT updates (applies to pages written from now on).
+ALTER TABLE keys SET (fillfactor = 70);
