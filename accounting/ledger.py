@@ -350,6 +350,34 @@ def prepare_rows(
     return rows, rejected
 
 
+_MAX_TEXT = 256  # characters: at most 1 KiB of UTF-8, so two fit in one index row
+_TEXT_FIELDS = (
+    "request_id", "group", "model", "upstream_model", "channel", "protocol", "route",
+    "error_code", "usage_source", "channels_tried", "client_request_id", "client_ip",
+    "multiplier",
+)
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\x00", "\ufffd")
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates
+    return text[:_MAX_TEXT]
+
+
+def sanitized(rec: UsageRecord) -> UsageRecord | None:
+    """`rec` with every text field storable (no NUL, valid UTF-8, at most 256
+    characters), or None if it already was. Deterministic, so a replay of the same row
+    lands on the same key."""
+    changes: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        v = getattr(rec, name)
+        if type(v) is str:
+            c = _clean(v)
+            if c != v:
+                changes[name] = c
+    return dataclasses.replace(rec, **changes) if changes else None
+
+
 @dataclass(slots=True)
 class FlushResult:
     inserted: int
@@ -427,6 +455,7 @@ async def _account(conn: asyncpg.Connection, inserted: int) -> FlushResult:
 _DATA_ERRORS = (
     asyncpg.DataError,  # SQLSTATE class 22: bad value (NUL in text, out of range...)
     asyncpg.IntegrityConstraintViolationError,  # class 23: NOT NULL, CHECK...
+    asyncpg.ProgramLimitExceededError,  # class 54: e.g. a text too long for an index row
     ValueError, TypeError, OverflowError,  # refused by the client-side encoder
 )
 _CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
@@ -495,6 +524,7 @@ class Flusher:
         self.flushed_rows = 0  # newly inserted rows
         self.duplicate_rows = 0  # rows already in Postgres (replays, retries)
         self.deadletter_rows = 0  # rows set aside as unwritable
+        self.sanitized_rows = 0  # rows written with their text made storable
         self.flushes = 0
         self.failures = 0
         self.last_flush_s = 0.0
@@ -520,6 +550,7 @@ class Flusher:
             "flushed_rows_total": self.flushed_rows,
             "duplicate_rows_total": self.duplicate_rows,
             "deadletter_rows_total": self.deadletter_rows,
+            "sanitized_rows_total": self.sanitized_rows,
             "flushes_total": self.flushes,
             "flush_failures_total": self.failures,
             "last_flush_seconds": self.last_flush_s,
@@ -717,11 +748,31 @@ class Flusher:
             return [await write_batch(conn, batch)]
         except _DATA_ERRORS as exc:
             if len(batch) == 1:
-                bad.append((batch[0], f"{type(exc).__name__}: {exc}"))
-                return []
+                return await self._write_sanitized(conn, batch[0], exc, bad)
         mid = len(batch) // 2
         first = await self._write_isolating(conn, batch[:mid], bad)
         return first + await self._write_isolating(conn, batch[mid:], bad)
+
+    async def _write_sanitized(
+        self, conn: asyncpg.Connection, rec: UsageRecord, exc: Exception,
+        bad: list[tuple[UsageRecord, str]],
+    ) -> list[FlushResult]:
+        """A row Postgres refused: bill it with its text made storable if that is what
+        was wrong (the money fields are never touched), else set it aside."""
+        error = f"{type(exc).__name__}: {exc}"
+        fixed = sanitized(rec)
+        if fixed is not None:
+            try:
+                res = await write_batch(conn, [fixed])
+            except _DATA_ERRORS as again:
+                error = f"{error}; after sanitizing text: {type(again).__name__}: {again}"
+            else:
+                self.sanitized_rows += 1
+                log.warning("ledger: row %r written with its text sanitized: %s",
+                            fixed.request_id[:_MAX_TEXT], error)
+                return [res]
+        bad.append((rec, error))
+        return []
 
     def _deadletter(self, bad: list[tuple[UsageRecord, str]], batch_rows: int) -> None:
         """Append `bad` durably to the dead-letter file (raises OSError if it cannot:

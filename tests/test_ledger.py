@@ -280,13 +280,16 @@ async def test_poison_rows_between_good_ones_go_to_the_dead_letter_file(
     good = [rec(uid, kid, 100 + i) for i in range(40)]
     nul = rec(uid, kid, 5)
     nul.model = "gpt\x00evil"  # passes the type checks, refused by Postgres (22021)
+    long = rec(uid, kid, 9)
+    long.model = "".join(chr(0x4E00 + i * 7919 % 20000) for i in range(40_000))  # 54000:
+    # incompressible, too big for an index row
     huge = rec(uid, kid, 6)
     huge.status = 2**40  # too big for an integer column: refused by the encoder
     nocost = rec(uid, kid, 7)
     nocost.cost_nano = None  # type: ignore[assignment]  # refused before COPY
     coerced = rec(uid, kid, 8)
     coerced.channel = None  # type: ignore[assignment]  # a missing text field reads ''
-    rows = [*good[:20], nul, huge, coerced, nocost, *good[20:]]
+    rows = [*good[:20], nul, huge, long, coerced, nocost, *good[20:]]
     journal = Journal(tmp_path, name="poison")
     ledger = Ledger(journal, flush_rows=1000)
     flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=1000)
@@ -295,22 +298,28 @@ async def test_poison_rows_between_good_ones_go_to_the_dead_letter_file(
         ledger.record(r)
     assert await flusher.stop(timeout=30)
 
-    assert flusher.failures == 0 and flusher.deadletter_rows == 3
+    assert flusher.failures == 0 and flusher.deadletter_rows == 2
     warnings = [r for r in caplog.records if "set aside" in r.getMessage()]
-    assert len(warnings) == 1 and "3 of 44 rows" in warnings[0].getMessage()
-    assert flusher.stats()["deadletter_rows_total"] == 3
-    assert flusher.flushed_rows == 41
-    ids = [r.request_id for r in [*good, coerced]]
-    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)", ids) == 41
+    assert len(warnings) == 1 and "2 of 45 rows" in warnings[0].getMessage()
+    st = flusher.stats()
+    assert st["deadletter_rows_total"] == 2 and st["sanitized_rows_total"] == 2
+    assert flusher.flushed_rows == 43
+    billed = [*good, coerced, nul, long]
+    ids = [r.request_id for r in billed]
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)", ids) == 43
     assert await pg.fetchval(
         "SELECT channel FROM usage_log WHERE request_id = $1", coerced.request_id) == ""
-    assert await balance(pg, uid) == 10**9 - sum(r.cost_nano for r in good) - 8
+    assert await pg.fetchval(  # bad text is made storable; the request is still billed
+        "SELECT model FROM usage_log WHERE request_id = $1", nul.request_id) == "gpt\ufffdevil"
+    assert await pg.fetchval(
+        "SELECT length(model) FROM usage_log WHERE request_id = $1", long.request_id) == 256
+    assert await balance(pg, uid) == 10**9 - sum(r.cost_nano for r in billed)
     dead = [orjson.loads(line) for line in read_file(tmp_path / "deadletter-poison.jsonl").splitlines()]
     assert sorted(d["row"]["request_id"] for d in dead) == sorted(
-        r.request_id for r in (nul, huge, nocost))
+        r.request_id for r in (huge, nocost))
     errors = {d["row"]["request_id"]: d["error"] for d in dead}
-    assert "cost_nano" in errors[nocost.request_id]
-    assert errors[nul.request_id] and errors[huge.request_id]
+    assert "cost_nano" in errors[nocost.request_id] and errors[huge.request_id]
+    assert dead[0]["row"]["usage"]["input"] == 100  # the whole row, to re-import by hand
     # The journal let go of the batch only once both halves were safe.
     assert [p for p in os.listdir(tmp_path) if p.endswith(".wal")] == []
 
@@ -320,7 +329,7 @@ async def test_dead_letter_file_unwritable_keeps_the_batch_in_the_journal(
 ) -> None:
     uid, (kid,) = await make_account(pg, balance=10**9)
     bad = rec(uid, kid, 1)
-    bad.route = "x\x00y"
+    bad.latency_ms = 2**40
     rows = [rec(uid, kid, 10), bad, rec(uid, kid, 20)]
     ledger = Ledger(Journal(tmp_path / "j", name="dl"), flush_rows=100)
     flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=100, max_backoff_s=0.05,
