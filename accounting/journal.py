@@ -333,10 +333,18 @@ class Journal:
     # --- flusher side -----------------------------------------------------------------
 
     def _open_segment(self, first_seq: int | None = None) -> Segment:
-        no = self._next_no
-        self._next_no += 1
-        path = os.path.join(self.directory, f"{self._name}-{no:06d}{SUFFIX}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # Never an existing file: one left by a dead worker of the same name (a restarted
+        # worker N) holds rows still to be replayed, and must stay unlocked and apart.
+        while True:
+            no = self._next_no
+            self._next_no += 1
+            path = os.path.join(self.directory, f"{self._name}-{no:06d}{SUFFIX}")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                             0o600)
+            except FileExistsError:
+                continue
+            break
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         seg = Segment(no=no, path=path, fd=fd,
                       first_seq=self.seq - len(self._buf) if first_seq is None else first_seq)

@@ -167,3 +167,19 @@ async def test_replay_after_kill_9_lands_every_row_exactly_once(
         "SELECT count(*) AS c FROM usage_log WHERE request_id LIKE $1 GROUP BY request_id",
         f"crash-{tag}-%")
     assert len(counts) == n and {r["c"] for r in counts} == {1}
+
+
+def test_a_restarted_worker_of_the_same_name_leaves_its_predecessors_rows_for_replay(
+    tmp_path: Path,
+) -> None:
+    dead = Journal(tmp_path, name="worker-0")
+    rows = [rec(1, 1, i) for i in range(3)]
+    for r in rows:
+        dead.append(r)
+    dead.close()  # killed: the file stays, unlocked
+    alive = Journal(tmp_path, name="worker-0")
+    alive.append(rec(1, 1, 99))
+    assert len(alive.paths) == 1 and alive.paths[0] not in dead.paths
+    assert replay(tmp_path) == rows  # the predecessor's rows, not mixed with ours
+    alive.close(delete=True)
+    assert replay(tmp_path) == rows
