@@ -1,14 +1,18 @@
 """The usage ledger: a synchronous in-memory recorder and the task that flushes it.
 
-`Ledger.record()` is on the hot path of every request: it writes the row to the
-local journal (one `os.write`, see accounting.journal) and appends it to a list. It
-never awaits, locks or talks to Postgres. `Flusher` is the only thing that does:
-every `flush_interval_ms` (or sooner when `flush_rows` are pending) it moves a batch
-into Postgres in one transaction:
+`Ledger.record()` is on the hot path of every request: it hands the row to the local
+journal (see accounting.journal: written once per event-loop iteration while a
+flusher runs, at once otherwise) and appends it to a list. It never awaits, locks or
+talks to Postgres. `Flusher` is the only thing that does: every `flush_interval_ms`
+(or sooner when `flush_rows` are pending) it moves a batch into Postgres in one
+transaction:
 
-1. COPY the rows into a temp table;
-2. INSERT them into `usage_log` ON CONFLICT DO NOTHING, so only rows not already
-   there count: replays and retries never charge twice;
+1. check the rows' types (fixing a missing text field, refusing a wrong number) and
+   drop rows already in `usage_log` (one indexed lookup): replays and retries never
+   charge twice;
+2. COPY the rest into a temp table and INSERT them into `usage_log` (if another
+   flusher commits one of them meanwhile, the batch is redone with ON CONFLICT DO
+   NOTHING);
 3. from those new rows alone, upsert `usage_hourly` and apply *aggregated* deltas:
    one `users.balance_nano -= sum` per user and one `keys.spent_nano += sum` per key,
    locking the rows in id order first so concurrent flushers (several workers, several
@@ -18,7 +22,10 @@ After the commit it tells the journal the rows are durable (their segments get
 deleted) and calls `on_flushed(user_deltas, key_deltas)`. If Postgres is down the
 rows stay, the flusher retries with backoff and requests keep flowing; memory is
 bounded by `max_pending_rows`, past which rows live only in the journal ("spill") and
-are read back from it in order when the backlog drains. Nothing is ever dropped.
+are read back from it in order when the backlog drains. A row Postgres refuses (a
+data error) is isolated by bisecting its batch and, unless making its text storable
+fixes it, set aside in a dead-letter file; it never blocks the rows behind it.
+Nothing is ever dropped silently.
 
 Rows drawn on a plan (`plan_id != 0`) are charged to the key's spend but not to the
 user's balance; charging the plan itself is the plans module's job (see
@@ -184,27 +191,38 @@ _INT_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is int)
 # unique index stops the insert and the batch goes again through the slow path.
 _EXISTING = (
     "SELECT request_id, ts FROM usage_log"
-    " WHERE ts >= $2 AND ts <= $3 AND request_id = ANY($1::text[])"
+    " WHERE ts >= to_timestamp($2) AND ts <= to_timestamp($3) AND request_id = ANY($1::text[])"
 )
 _STAGE = "tollway_usage_stage"
+_SQL_TYPES = (
+    "text", "float8", "bigint", "bigint", "text", "text", "text", "text", "text", "text",
+    "boolean", "integer", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text",
+    "bigint", "bigint", "integer", "integer", "integer", "text", "text", "text", "bigint",
+    "text",
+)
+# ts travels as float8 unix seconds and becomes a timestamptz in SQL (to_timestamp):
+# the same float always gives the same microsecond, so a replayed row hits the same
+# key, and the client never builds a datetime per row.
 _CREATE_STAGE = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE usage_log INCLUDING DEFAULTS)"
-    " ON COMMIT DELETE ROWS"
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
+    + ", ".join(f"{c} {t}" for c, t in zip(_COLUMNS, _SQL_TYPES, strict=True))
+    + ") ON COMMIT DELETE ROWS"
 )
 _COLS = ", ".join(_COLUMNS)
-_INSERT_STAGED = f"INSERT INTO usage_log ({_COLS}) SELECT {_COLS} FROM {_STAGE}"
+_SELECT_COLS = ", ".join("to_timestamp(ts)" if c == "ts" else c for c in _COLUMNS)
+_INSERT_STAGED = f"INSERT INTO usage_log ({_COLS}) SELECT {_SELECT_COLS} FROM {_STAGE}"
 # Slow path: rows not already there, in key order so two flushers inserting overlapping
 # rows wait on each other instead of deadlocking; the rows that were there already
 # leave the stage, so what remains is exactly what to charge.
 _INSERT_STAGED_IDEMPOTENT = f"""
 WITH ins AS (
     INSERT INTO usage_log ({_COLS})
-    SELECT {_COLS} FROM {_STAGE} ORDER BY request_id, ts
+    SELECT {_SELECT_COLS} FROM {_STAGE} ORDER BY request_id, ts
     ON CONFLICT DO NOTHING
     RETURNING request_id, ts
 ), old AS (
     DELETE FROM {_STAGE} s
-    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.request_id = s.request_id AND ins.ts = s.ts)
+    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.request_id = s.request_id AND ins.ts = to_timestamp(s.ts))
 )
 SELECT count(*) FROM ins
 """
@@ -216,10 +234,10 @@ _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 # sums are read from it rather than from the rows again.
 _AGGREGATE = f"""
 WITH g AS (
-    SELECT date_trunc('hour', ts, 'UTC') AS hour, user_id, key_id, group_name, model, plan_id,
+    SELECT date_trunc('hour', to_timestamp(ts), 'UTC') AS hour, user_id, key_id, group_name, model, plan_id,
         count(*) AS requests, count(*) FILTER (WHERE status >= 400 OR error_code <> '') AS errors,
         {", ".join(f"sum({t}) AS {t}" for t in _TOKENS)}, sum(cost_nano) AS cost_nano,
-        sum(latency_ms) AS latency_ms_sum, sum(ttfb_ms) AS ttfb_ms_sum, max(ts) AS last_at
+        sum(latency_ms) AS latency_ms_sum, sum(ttfb_ms) AS ttfb_ms_sum, max(to_timestamp(ts)) AS last_at
     FROM {_STAGE} GROUP BY 1, 2, 3, 4, 5, 6
 ), hourly AS (
     INSERT INTO usage_hourly (hour, user_id, key_id, group_name, model, requests, errors,
@@ -322,31 +340,25 @@ def _coerce(t: tuple[Any, ...]) -> list[Any]:
 def prepare_rows(
     batch: list[UsageRecord],
 ) -> tuple[list[tuple[Any, ...]], list[tuple[UsageRecord, str]]]:
-    """COPY-ready rows (ts as timestamptz, duplicates inside the batch dropped) and the
-    records refused before they reach Postgres, each with the reason.
+    """COPY-ready rows and the records refused before they reach Postgres, each with
+    the reason.
 
     The common case costs one `type()` per field, compared at C speed as one tuple.
     """
     rows: list[tuple[Any, ...]] = []
     rejected: list[tuple[UsageRecord, str]] = []
-    seen: set[tuple[str, datetime]] = set()
+    append = rows.append
     for rec in batch:
         try:
             t = _row(rec)
             if tuple(map(type, t)) != _PY_TYPES:
                 t = tuple(_coerce(t))
-            ts = t[1]
-            if not _TS_MIN <= ts <= _TS_MAX:  # also refuses NaN
-                raise ValueError(f"ts: {ts!r} is not a time between 1970 and 9999")
-            dt = pg_timestamp(ts)
+            if not _TS_MIN <= t[1] <= _TS_MAX:  # also refuses NaN
+                raise ValueError(f"ts: {t[1]!r} is not a time between 1970 and 9999")
         except (AttributeError, ValueError, TypeError, OverflowError) as exc:
             rejected.append((rec, f"{type(exc).__name__}: {exc}"))
             continue
-        k = (t[0], dt)
-        if k in seen:
-            continue
-        seen.add(k)
-        rows.append((t[0], dt, *t[2:]))
+        append(t)
     return rows, rejected
 
 
@@ -411,12 +423,16 @@ async def write_batch(conn: asyncpg.Connection, batch: list[UsageRecord]) -> Flu
             fresh = rows
             if logged:
                 old = {(r[0], r[1]) for r in logged}
-                fresh = [t for t in rows if (t[0], t[1]) not in old]
+                known = {r[0] for r in logged}
+                fresh = [t for t in rows
+                         if t[0] not in known or (t[0], pg_timestamp(t[1])) not in old]
             if fresh:
                 await conn.copy_records_to_table(_STAGE, records=fresh, columns=_COLUMNS)
                 await conn.execute(_INSERT_STAGED)
             res = await _account(conn, len(fresh))
     except asyncpg.UniqueViolationError:
+        # Logged meanwhile by another flusher, or the same row twice in this batch.
+        rows = list({(t[0], t[1]): t for t in rows}.values())
         async with conn.transaction():
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_COLUMNS)
             res = await _account(conn, await conn.fetchval(_INSERT_STAGED_IDEMPOTENT))

@@ -87,10 +87,11 @@ async def test_same_rows_twice_are_logged_and_charged_once(pg: asyncpg.Connectio
     uid, (kid,) = await make_account(pg, balance=1_000_000)
     rows = [rec(uid, kid, 1000 + i) for i in range(50)]
     await prepare_stage(pg)
-    first = await write_batch(pg, rows)
+    first = await write_batch(pg, rows[:40] + rows[:5])  # the same row twice in one batch
     second = await write_batch(pg, rows + rows[:10])  # a replay, and duplicates in one batch
-    assert first.inserted == 50 and second.inserted == 0
-    assert second.user_deltas == {} and second.key_deltas == {}
+    assert first.inserted == 40 and second.inserted == 10
+    third = await write_batch(pg, rows)
+    assert third.inserted == 0 and third.user_deltas == {} and third.key_deltas == {}
     total = sum(r.cost_nano for r in rows)
     assert await balance(pg, uid) == 1_000_000 - total
     assert await spent(pg, kid) == total
