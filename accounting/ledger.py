@@ -495,8 +495,11 @@ class Flusher:
     The session keeps `synchronous_commit = on`. Turning it off would be safe for the
     rows themselves only if journal segments outlived the commit until Postgres had
     flushed its WAL; they do not (a segment is deleted right after the commit returns),
-    so a server crash in that window would lose settled rows. It was measured at a few
-    per cent of a flush (bench/RESULTS.md): not worth the hole.
+    so a server crash in that window would lose settled rows. Keeping the segments until
+    the WAL is known flushed would close the hole, but there is nothing to win: with
+    batches of tens of thousands of rows a commit is one WAL flush per half second,
+    and `--async-commit` in bench/ledger_bench.py measured no difference beyond noise
+    (bench/RESULTS.md, "Ledger").
     """
 
     def __init__(
@@ -511,7 +514,7 @@ class Flusher:
         on_flushed: OnFlushed | None = None,
         connect_timeout_s: float = 5.0,
         max_backoff_s: float = 5.0,
-        max_batch_factor: int = 8,
+        max_batch_factor: int = 16,
         deadletter_path: str | None = None,
     ) -> None:
         self.ledger = ledger

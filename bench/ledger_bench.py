@@ -3,7 +3,7 @@ rows per second the flusher moves into Postgres (existing-row check, COPY, inser
 hourly upsert, aggregated balance/key charges).
 
     .venv/bin/python bench/ledger_bench.py [--dsn postgresql://postgres@127.0.0.1:5432/test]
-        [--rows 500000] [--flush-rows 5000] [--max-batch-factor 8] [--users 1000]
+        [--rows 500000] [--flush-rows 5000] [--max-batch-factor 16] [--users 1000]
         [--keys-per-user 2] [--burst 32] [--async-commit]
 
 record() is measured three ways: memory only; writing each row to the journal at
@@ -112,7 +112,7 @@ async def main() -> None:
     ap.add_argument("--flush-rows", type=int, default=5000)
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--keys-per-user", type=int, default=2)
-    ap.add_argument("--max-batch-factor", type=int, default=8)
+    ap.add_argument("--max-batch-factor", type=int, default=16)
     ap.add_argument("--burst", type=int, default=32)
     ap.add_argument("--async-commit", action="store_true")
     args = ap.parse_args()
