@@ -1,9 +1,11 @@
 """Per-worker append-only journal of settled usage rows, so a kill -9 loses nothing.
 
-Every row the ledger records is written here at once, as one framed record
-(magic, length, CRC-32, orjson payload), with one `os.write` on an O_APPEND file
-descriptor: about a microsecond, and the bytes are in the OS page cache the moment
-the call returns, so they survive the death of the process. Only `fdatasync` is
+Every row the ledger records is written here as one framed record (magic, length,
+CRC-32, orjson payload) with `os.write` on an O_APPEND file descriptor: once the call
+returns the bytes are in the OS page cache, so they survive the death of the process.
+While a flusher runs, the rows settled in one event-loop iteration are encoded and
+written together by one callback at the end of that iteration (`append_deferred`):
+a kill -9 can lose the rows of the iteration it interrupts, nothing older. Only `fdatasync` is
 deferred to the flusher's timer (`journal_fsync_ms`): a power loss or kernel crash
 can lose at most that window of rows not yet committed in Postgres; a killed
 process loses none.
