@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 import os
 import random
 import re
@@ -46,6 +47,7 @@ from relay.sse import fields as sse_fields
 from relay.translated import TranslatingExchange, build_body, count_tokens_locally, plan_for
 from relay.upstream import UpstreamPool, build_request
 
+log = logging.getLogger("tollway.relay")
 _RID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -108,6 +110,8 @@ class Gateway:
         self.pricebook = pricebook
         self.db: Any = None  # asyncpg pool, set by the worker
         self.apis: list[Any] = []  # relay.webapi.Api instances for the non-model routes
+        # Rate-limit header names for Anthropic routes (limits.admission.anthropic_headers).
+        self.anthropic_headers: Callable[[Any], Any] = lambda h: h
         self._rid_prefix = "req_" + os.urandom(6).hex()
         self._rid_n = 0
         self.in_flight = 0
@@ -119,6 +123,8 @@ class Gateway:
         self._trust_rid = cfg.server.trust_client_request_id
         self._log_ip = cfg.server.log_client_ip
         self._fallbacks = dict(cfg.fallbacks)
+        self._auth_failures: dict[str, list[float]] = {}
+        self._auth_failure_limit = cfg.limits.auth_failures_per_minute
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -162,7 +168,9 @@ class Gateway:
     def _reply_error(self, conn: HttpConnection, exc: GatewayError, protocol: int,
                      rid: bytes) -> None:
         headers = [JSON_CT, (b"x-request-id", rid)]
-        if exc.retry_after:
+        if protocol == ANTHROPIC:
+            headers.append((b"request-id", rid))  # the name Anthropic's SDK reads
+        if exc.retry_after and not any(k == b"retry-after" for k, _ in exc.headers):
             headers.append((b"retry-after", b"%d" % max(1, int(exc.retry_after + 0.999))))
         headers.extend(exc.headers)
         body = getattr(exc, "upstream_body", None) or E.render(exc, protocol)
@@ -183,16 +191,39 @@ class Gateway:
 
     # --- auth and scope -------------------------------------------------------------
 
-    async def _authenticate(self, req: Request):  # -> KeyState
+    async def _authenticate(self, req: Request) -> Any:  # a limits.keys.KeyState
+        failures = self._auth_failures.get(req.client_ip)
+        if failures is not None and failures[1] >= self._auth_failure_limit:
+            wait = failures[0] + 60.0 - self.loop.time()
+            if wait > 0:
+                raise E.RateLimited("Too many failed authentication attempts from this address",
+                                    retry_after=wait)
+            del self._auth_failures[req.client_ip]
         secret = extract_secret(req)
-        if not secret:
-            raise E.InvalidKey("Missing API key: send Authorization: Bearer sk-... or x-api-key")
-        key = self.keys.lookup(secret)
-        if key is None:
-            key = await self.keys.lookup_slow(secret)
+        key = None
+        if secret:
+            key = self.keys.lookup(secret)
             if key is None:
-                raise E.InvalidKey("Invalid API key")
+                key = await self.keys.lookup_slow(secret)
+        if key is None:
+            self._auth_failed(req.client_ip)
+            if not secret:
+                raise E.InvalidKey("Missing API key: send Authorization: Bearer sk-... or x-api-key")
+            raise E.InvalidKey("Invalid API key")
         return key
+
+    def _auth_failed(self, ip: str) -> None:
+        """Count failures per client address over a fixed minute: key guessing is slowed."""
+        if not self._auth_failure_limit:
+            return
+        now = self.loop.time()
+        entry = self._auth_failures.get(ip)
+        if entry is None or now - entry[0] >= 60.0:
+            if len(self._auth_failures) >= 100_000:
+                self._auth_failures.clear()  # bounded memory under a spray of addresses
+            self._auth_failures[ip] = [now, 1]
+        else:
+            entry[1] += 1
 
     def model_allowed(self, key: Any, model: str) -> bool:
         if key.models is not None and model not in key.models:
@@ -214,7 +245,11 @@ class Gateway:
         except GatewayError as exc:
             self._reply_error(conn, exc, proto, rid)
             return
-        names = [m for m, _ in self.router.listed_models() if self.model_allowed(key, m)]
+        listed = {m for m, _ in self.router.listed_models()}
+        if self.pricebook is not None:
+            listed.update(m for m in self.pricebook.models() if m != "default"
+                          and self.router.known_model(m))
+        names = sorted(m for m in listed if self.model_allowed(key, m))
         if key.models is not None:
             names = sorted(set(names) | {m for m in key.models if "*" not in m
                                           and self.router.known_model(m)})
@@ -234,6 +269,14 @@ class Gateway:
                 if it["id"] == one:
                     conn.send(200, headers, orjson.dumps(it))
                     return
+            if self.router.known_model(one) and self.model_allowed(key, one):
+                # Served through a channel pattern (e.g. "gpt-*"): usable, so retrievable.
+                item: dict[str, Any] = (
+                    {"type": "model", "id": one, "display_name": one, "created_at": "2025-01-01T00:00:00Z"}
+                    if proto == ANTHROPIC else
+                    {"id": one, "object": "model", "created": 0, "owned_by": "tollway"})
+                conn.send(200, headers, orjson.dumps(item))
+                return
             self._reply_error(conn, E.ModelNotFound(f"The model '{one}' does not exist or is not available to this key"), proto, rid)
             return
         if proto == ANTHROPIC:
@@ -277,6 +320,8 @@ class Gateway:
             m = body.get("model")
             if type(m) is not str or not m:
                 raise E.InvalidRequest("Missing required field: model (a string)")
+            if len(m) > 256 or not m.isprintable():
+                raise E.InvalidRequest("Invalid model name: at most 256 printable characters")
             model = m
             stream = body.get("stream") is True and route.streamable
             channels = self.router.candidates(model)
@@ -329,8 +374,12 @@ class Gateway:
                 tried.append(channel.name)
                 upstream_model = channel.upstream_model(cand_model)
                 headers_out: list[tuple[bytes, bytes]] = [(b"x-request-id", rid_out)]
-                if lease is not None and lease.headers:
-                    headers_out.extend(lease.headers)
+                if protocol == ANTHROPIC:
+                    headers_out.append((b"request-id", rid_out))
+                if lease is not None:
+                    lh = lease.headers
+                    if lh:
+                        headers_out.extend(self.anthropic_headers(lh) if protocol == ANTHROPIC else lh)
                 if plan is None:
                     payload = self._upstream_body(req.body, body, cand_model, upstream_model, mode)
                     ex = Exchange(self, conn, route, mode, headers_out)
@@ -362,7 +411,7 @@ class Gateway:
                 except LookupError:
                     pass
             if ex is None:
-                raise E.NoChannel(f"No channel can serve '{model}' on this protocol")
+                raise E.ModelNotFound(f"The model '{model}' is not available on {req.path.decode()}")
             if not ex.started and not ex.aborted:
                 raise ex.error or E.UpstreamError("Upstream failed")
             # Started: a mid-stream failure (or None). Aborted: the client left.
@@ -478,7 +527,13 @@ class Gateway:
         if billable and ex is not None and ex.aborted and ex.bytes_out == 0 and not self._charge_zero_aborts:
             billable = False
         if billable and ex is not None:
-            usage, source = self._usage(ex, route, body, stream)
+            try:
+                usage, source = self._usage(ex, route, body, stream)
+            except Exception:
+                # An estimate over a body we could not read must not lose the row: the
+                # output side is still counted, the input side is taken as zero.
+                log.exception("usage estimate failed; recording output only")
+                usage, source = Usage(output=max(1, ex.bytes_out // 4)), "estimated"
             if price is not None and usage is not None:
                 cost = cost_nano(usage, price, multiplier)
         if lease is not None:
@@ -517,6 +572,7 @@ class Gateway:
             client_request_id=_client_rid(req),
             client_ip=req.client_ip if self._log_ip else "",
             plan_id=key.plan_id,
+            multiplier=_fraction_str(multiplier),
         ))
 
     def _usage(self, ex: Exchange, route: Route, body: dict[str, Any] | None,
@@ -559,6 +615,10 @@ class Gateway:
                              output=max(tap_usage.output, tokens.count_text(text))), "estimated"
         est_in = tokens.estimate_input_tokens(route.protocol_name, body or {})
         return Usage(input=est_in, output=tokens.count_text(text)), "estimated"
+
+
+def _fraction_str(f: Fraction) -> str:
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
 
 
 def _query(req: Request) -> bytes:

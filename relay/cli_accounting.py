@@ -87,7 +87,7 @@ async def _usage_show(conn: asyncpg.Connection, args: argparse.Namespace) -> int
     out = _usage_json(row)
     price = await pricing.load_version(conn, row["price_version"]) if row["price_version"] else None
     if price is not None:
-        out["bill"] = reports.explain(row, price, await _multiplier(conn, row["group"]))
+        out["bill"] = reports.explain(row, price, fallback=await _multiplier(conn, row["group"]))
     if args.json:
         print_json(out)
         return 0

@@ -94,6 +94,7 @@ class MetricsConfig:
 class AdminConfig:
     token_env: str = "TOLLWAY_ADMIN_TOKEN"
     token: str = ""  # for demos; prefer token_env
+    min_topup: str = "0.01"  # USD; smaller top-ups through the admin API are refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,8 @@ class HttpConnection(asyncio.Protocol):
         "_body_size",
         "_chunked_out",
         "_client_ip",
+        "_cork",
+        "_cork_body",
         "_cur",
         "_head_timer",
         "_header_size",
@@ -161,6 +163,8 @@ class HttpConnection(asyncio.Protocol):
         self._response_started = False
         self._response_done = False
         self._chunked_out = False
+        self._cork: list[bytes] | None = None
+        self._cork_body: list[bytes] = []
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -252,14 +256,16 @@ class HttpConnection(asyncio.Protocol):
         if self._parser.should_upgrade():
             raise _HeadError(400, "Protocol upgrades are not supported")
         for k, v in self._headers:
-            if k == b"content-length":
+            if k == b"expect" and v.lower() == b"100-continue" and not self._pipeline:
+                # The client waits for this before sending its body.
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            elif k == b"content-length":
                 try:
                     n = int(v)
                 except ValueError:
                     raise _HeadError(400, "Invalid Content-Length")
                 if n > self._state.max_body:
                     raise _HeadError(413, f"Request body exceeds {self._state.max_body} bytes")
-                break
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -303,19 +309,22 @@ class HttpConnection(asyncio.Protocol):
         self._task = self._loop.create_task(self._run(req))
 
     async def _run(self, req: Request) -> None:
+        # `self._cur is req` tells whether this request still owns the connection: once
+        # its response is done, a pipelined successor may already be running.
         try:
             await self._state.handler(req, self)
         except asyncio.CancelledError:
-            if not self.closed:
+            if not self.closed and self._cur is req:
                 self._abort_response()
             raise
         except Exception:
             # The application renders its own errors; reaching here is a bug, and the
             # client still gets a well-formed 500 instead of a hang.
             log.exception("unhandled error in request handler")
-            self._abort_response(internal=True)
+            if self._cur is req:
+                self._abort_response(internal=True)
             return
-        if not self._response_done:
+        if self._cur is req and not self._response_done:
             self._abort_response(internal=True)
 
     def _abort_response(self, internal: bool = False) -> None:
@@ -328,16 +337,19 @@ class HttpConnection(asyncio.Protocol):
             # A response half-written cannot be completed truthfully: close.
             self._keep_alive = False
             self._response_done = True
+            self.uncork()
             self.transport.close()
 
     def _finish_response(self) -> None:
         self._response_done = True
+        self._response_started = False  # the next request on this connection starts afresh
         self._cur = None
         self._task = None
         self.on_pause = self.on_resume = self.on_disconnect = None
         if self.closed:
             return
         if not self._keep_alive:
+            self.uncork()
             self.transport.close()
             return
         if self._pipeline:
@@ -356,7 +368,10 @@ class HttpConnection(asyncio.Protocol):
             return
         self._keep_alive = False
         if self._cur is None and not self._response_started:
-            self.send_error(status, message, None)
+            url = self._url
+            path = url[: url.find(b"?")] if b"?" in url else url
+            self.send_error(status, message, Request(b"", path, b"", self._headers, b"", False,
+                                                     self._client_ip))
         else:
             self.transport.close()
 
@@ -399,7 +414,7 @@ class HttpConnection(asyncio.Protocol):
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         parts.append(body)
-        self.transport.write(b"".join(parts))
+        self._emit(b"".join(parts))
         self._finish_response()
 
     def send_error(self, status: int, message: str, req: Request | None) -> None:
@@ -424,12 +439,14 @@ class HttpConnection(asyncio.Protocol):
         if not self._keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        self._emit(b"".join(parts))
 
     def write(self, data: bytes) -> None:
         if self.closed or not data:
             return
-        if self._chunked_out:
+        if self._cork is not None:
+            self._cork_body.append(data)
+        elif self._chunked_out:
             self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
             self.transport.write(data)
@@ -438,7 +455,7 @@ class HttpConnection(asyncio.Protocol):
         if self._response_done:
             return
         if not self.closed and self._chunked_out:
-            self.transport.write(b"0\r\n\r\n")
+            self._emit(b"0\r\n\r\n")
         self._finish_response()
 
     def abort(self) -> None:
@@ -446,7 +463,45 @@ class HttpConnection(asyncio.Protocol):
         self._keep_alive = False
         self._response_done = True
         if not self.closed:
+            self.uncork()
             self.transport.close()
+
+    # Corking: while the upstream's bytes from one read pass through (head, any number of
+    # body pieces, the end), they are gathered and written with one send() at uncork, and
+    # the body pieces become one chunk. It adds no latency: uncork runs before the loop
+    # waits again. Without it a read holding 20 events cost 20 syscalls.
+
+    def cork(self) -> None:
+        if self._cork is None:
+            self._cork = []
+
+    def uncork(self) -> None:
+        parts = self._cork
+        if parts is None:
+            return
+        self._flush_cork_body()
+        self._cork = None
+        if parts and not self.closed:
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _flush_cork_body(self) -> None:
+        body = self._cork_body
+        if not body:
+            return
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        assert self._cork is not None
+        if self._chunked_out:
+            self._cork += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self._cork.append(data)
+
+    def _emit(self, data: bytes) -> None:
+        if self._cork is not None:
+            self._flush_cork_body()
+            self._cork.append(data)
+        else:
+            self.transport.write(data)
 
     @property
     def response_started(self) -> bool:

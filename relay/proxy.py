@@ -56,7 +56,7 @@ class Exchange:
     """One client request's trip to an upstream; the upstream connection's sink."""
 
     __slots__ = (
-        "_watchdog", "aborted", "body_chunks", "bytes_out", "channel", "client", "done",
+        "_limits", "_watchdog", "aborted", "body_chunks", "bytes_out", "channel", "client", "done",
         "error", "error_body", "first_byte", "framer", "gw", "headers_out", "last_activity",
         "loop", "mode", "protocol", "route", "started", "status", "tap", "upstream",
         "upstream_status",
@@ -87,6 +87,7 @@ class Exchange:
         self.channel: Channel | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._limits = (0.0, 0.0, 0.0, 0.0)
 
     # --- Sink ------------------------------------------------------------------------
 
@@ -94,6 +95,7 @@ class Exchange:
         now = self.loop.time()
         self.first_byte = self.last_activity = now
         self.upstream_status = status
+        self._rearm(now)
         if status >= 500 or status == 429 or 300 <= status < 400:
             # Decided at on_done: retry elsewhere, or render. Nothing reaches the client yet.
             self.error_body = []
@@ -128,15 +130,25 @@ class Exchange:
         if mode == NONSTREAM:
             self.bytes_out += len(data)
             self.client.write(data)
-        elif mode == TAP:
+            return
+        framer = self.framer
+        assert framer is not None
+        # Fast path: a read that holds whole events and no usage object needs no framing:
+        # the framer stays at an event boundary and the bytes go out as they came.
+        whole = not framer.pending and data[-2:] == b"\n\n" and not has_usage_object(data)
+        if mode == TAP:
             self.bytes_out += len(data)
             self.client.write(data)
-            for block in self.framer.feed(data):  # type: ignore[union-attr]
-                if has_usage_object(block):
-                    self._feed_tap(block)
+            if not whole:
+                for block in framer.feed(data):
+                    if has_usage_object(block):
+                        self._feed_tap(block)
+        elif whole:
+            self.bytes_out += len(data)
+            self.client.write(data)
         else:
             out = []
-            for block in self.framer.feed(data):  # type: ignore[union-attr]
+            for block in framer.feed(data):
                 if has_usage_object(block):
                     self._feed_tap(block)
                     if usage_mod.is_usage_only_chunk(fields(block)[1]):
@@ -194,6 +206,12 @@ class Exchange:
 
     # --- lifecycle --------------------------------------------------------------------
 
+    def cork(self) -> None:
+        self.client.cork()
+
+    def uncork(self) -> None:
+        self.client.uncork()
+
     def client_gone(self) -> None:
         """The client disconnected: cancel the upstream request at once."""
         self.aborted = True
@@ -206,28 +224,36 @@ class Exchange:
         self._finish()
 
     def arm(self, first_byte_timeout: float, idle_timeout: float, total_timeout: float) -> None:
-        start = self.loop.time()
+        """One timer per exchange, re-armed at the first byte and then only when it fires
+        (it checks `last_activity`), so chunks never touch a timer."""
+        self._limits = (self.loop.time(), first_byte_timeout, idle_timeout, total_timeout)
         self.last_activity = 0.0
+        self._watchdog = self.loop.call_at(self._limits[0] + first_byte_timeout, self._check)
 
-        def check() -> None:
-            self._watchdog = None
-            if self.done.done():
-                return
-            now = self.loop.time()
-            if now - start > total_timeout:
-                self._timeout(f"Upstream did not finish within {total_timeout:g}s")
-            elif self.first_byte == 0.0:
-                if now - start >= first_byte_timeout:
-                    self._timeout(f"Upstream sent no response within {first_byte_timeout:g}s")
-                else:
-                    self._watchdog = self.loop.call_at(start + first_byte_timeout, check)
-            elif now - self.last_activity >= idle_timeout:
-                self._timeout(f"Upstream stream stalled for {idle_timeout:g}s")
+    def _rearm(self, now: float) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            start, _, idle, total = self._limits
+            self._watchdog = self.loop.call_at(min(now + idle, start + total), self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if self.done.done():
+            return
+        start, first_byte_timeout, idle_timeout, total_timeout = self._limits
+        now = self.loop.time()
+        if now - start >= total_timeout:
+            self._timeout(f"Upstream did not finish within {total_timeout:g}s")
+        elif self.first_byte == 0.0:
+            if now - start >= first_byte_timeout:
+                self._timeout(f"Upstream sent no response within {first_byte_timeout:g}s")
             else:
-                nxt = min(self.last_activity + idle_timeout, start + total_timeout)
-                self._watchdog = self.loop.call_at(nxt, check)
-
-        self._watchdog = self.loop.call_at(start + first_byte_timeout, check)
+                self._watchdog = self.loop.call_at(start + first_byte_timeout, self._check)
+        elif now - self.last_activity >= idle_timeout:
+            self._timeout(f"Upstream stream stalled for {idle_timeout:g}s")
+        else:
+            nxt = min(self.last_activity + idle_timeout, start + total_timeout)
+            self._watchdog = self.loop.call_at(nxt, self._check)
 
     def _timeout(self, message: str) -> None:
         up = self.upstream
@@ -279,10 +305,15 @@ def extract_secret(req: Request) -> bytes | None:
     return None
 
 
+MAX_OUTPUT_TOKENS = 1 << 31  # beyond any model's limit; larger values are malformed
+
+
 def max_output_tokens(body: dict[str, Any]) -> int:
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         v = body.get(name)
         if type(v) is int and v > 0:
+            if v >= MAX_OUTPUT_TOKENS:
+                raise E.InvalidRequest(f"{name} is out of range")
             return v
     return 0
 

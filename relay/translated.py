@@ -113,6 +113,10 @@ def build_body(plan: Plan, body: JSON, upstream_model: str, stream: bool) -> byt
         out = plan.request(body, upstream_model)
     except TranslationError as exc:
         raise E.InvalidRequest(str(exc))
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        # The mappers assume the client's protocol shape; a body that breaks that
+        # assumption is malformed for that protocol, not a gateway failure.
+        raise E.InvalidRequest(f"Malformed request for this protocol: {exc}")
     if stream:
         out["stream"] = True
         if plan.upstream_protocol == "openai":
@@ -136,6 +140,7 @@ class TranslatingExchange(Exchange):
         now = self.loop.time()
         self.first_byte = self.last_activity = now
         self.upstream_status = status
+        self._rearm(now)
         if status >= 500 or status == 429 or 300 <= status < 400:
             self.error_body = []
             return

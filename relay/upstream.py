@@ -40,6 +40,8 @@ class Sink(Protocol):
     def on_body(self, data: bytes) -> None: ...
     def on_done(self) -> None: ...
     def on_fail(self, exc: GatewayError) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
 
 
 class Origin:
@@ -96,14 +98,20 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        sink = self.sink
+        if sink is not None:
+            sink.cork()  # everything this read produces leaves in one write
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            sink = self.sink
+            failed = self.sink
             self.sink = None
             self.transport.abort()
+            if failed is not None:
+                failed.on_fail(UpstreamError("Upstream sent a malformed HTTP response"))
+        finally:
             if sink is not None:
-                sink.on_fail(UpstreamError("Upstream sent a malformed HTTP response"))
+                sink.uncork()
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost reports unfinished bodies

@@ -37,18 +37,9 @@ SYNC_INTERVAL = 0.5
 API_MODULES = ("relay.admin", "relay.keyapi")
 
 _BY_STATUS: dict[int, type[E.GatewayError]] = {
-    400: E.InvalidRequest, 404: E.NotFound, 405: E.MethodNotAllowed, 413: E.RequestTooLarge,
+    400: E.InvalidRequest, 404: E.NotFound, 405: E.MethodNotAllowed, 408: E.InvalidRequest,
+    413: E.RequestTooLarge, 431: E.InvalidRequest, 500: E.GatewayError,
 }
-
-
-def error_body(status: int, message: str, req: Any) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """Errors raised while parsing HTTP, before any route ran, in the route's shape."""
-    cls = _BY_STATUS.get(status, E.InvalidRequest)
-    exc = cls(message, status=status)
-    proto = E.OPENAI
-    if req is not None and req.path.startswith(b"/v1/messages"):
-        proto = E.ANTHROPIC
-    return E.render(exc, proto), [(b"content-type", b"application/json")]
 
 
 class Worker:
@@ -84,9 +75,10 @@ class Worker:
         ledger = None
         if self.with_ledger:
             journal_dir = cfg.ledger.journal_dir or str(cfg.data_dir / "journal")
+            # The journal's file name must be unique per process life: a restarted
+            # worker must find its predecessor's segments dead (unlocked) and replay them.
             ledger, self.flusher = open_ledger(cfg.ledger, journal_dir, self.dsn,
-                                               on_flushed=self._on_flushed,
-                                               name=f"worker-{self.index}")
+                                               on_flushed=self._on_flushed)
             self.flusher.start()
         metrics = None
         if cfg.metrics.enabled:
@@ -96,7 +88,7 @@ class Worker:
         gw.db = db
         gw.keys.pool = db
         if limiter is not None:
-            gw.anthropic_headers = anthropic_headers  # type: ignore[attr-defined]
+            gw.anthropic_headers = anthropic_headers
         for module in API_MODULES:
             if importlib.util.find_spec(module) is not None:
                 gw.apis.append(importlib.import_module(module).build(gw, self))
@@ -111,12 +103,25 @@ class Worker:
             max_header=cfg.server.max_header_bytes,
             header_timeout=cfg.server.header_timeout_s,
             keepalive_timeout=cfg.server.keepalive_timeout_s,
-            error_body=error_body,
+            error_body=self._error_body,
         )
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(make_factory(self.state), sock=sock, backlog=4096)
         self.port = sock.getsockname()[1]
         self._sync_task = loop.create_task(self._sync_loop(), name="sync")
+
+    def _error_body(self, status: int, message: str,
+                    req: Any) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """Errors raised while parsing HTTP, before any route ran, in the route's shape."""
+        exc = _BY_STATUS.get(status, E.InvalidRequest)(message, status=status)
+        proto = E.OPENAI
+        headers = [(b"content-type", b"application/json")]
+        if req is not None:
+            if req.path.startswith(b"/v1/messages"):
+                proto = E.ANTHROPIC
+            if self.gw is not None:
+                headers.append((b"x-request-id", self.gw._new_rid(req)))
+        return E.render(exc, proto), headers
 
     async def stop(self) -> None:
         """Drain: stop accepting, let in-flight finish within the grace, flush, close."""

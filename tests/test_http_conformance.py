@@ -143,8 +143,6 @@ async def test_pipelined_model_request_then_health_in_order(gw: Harness, key: st
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a pipelined second model request gets a 500 (HttpConnection._run "
-                                       "checks _response_done after the next request was dispatched)")
 async def test_two_pipelined_model_requests_answered_in_order(gw: Harness, key: str) -> None:
     c = await Conn.open(gw)
     try:
@@ -183,8 +181,6 @@ async def test_http10_without_keep_alive_closes(gw: Harness, key: str) -> None:
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Expect: 100-continue is never answered; clients wait "
-                                       "their expect timeout before sending the body (relay/httpserver.py)")
 async def test_expect_100_continue_is_answered(gw: Harness, key: str) -> None:
     c = await Conn.open(gw)
     try:

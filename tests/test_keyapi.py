@@ -143,7 +143,8 @@ async def test_redeem_exactly_once(gw: Harness, http: aiohttp.ClientSession) -> 
         assert total == 3_500_000_000  # 1 + 0 + one credit of 2.5
         assert winner_balance in (3_500_000_000, 2_500_000_000)
         assert await conn.fetchval("SELECT count(*) FROM topups WHERE external_id LIKE 'code:%'"
-                                   " AND amount_nano = 2500000000") == 1
+                                   " AND amount_nano = 2500000000 AND user_id = ANY($1::bigint[])",
+                                   [uid, uid_other]) == 1
         audit = await conn.fetchval("SELECT string_agg(detail::text || target, ' ') FROM audit_log"
                                     " WHERE action = 'code.redeem'")
         assert code not in audit and codes.normalize(code) not in audit

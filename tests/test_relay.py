@@ -268,7 +268,7 @@ async def test_413_body_too_large(pg_dsn: str, http: aiohttp.ClientSession) -> N
     h = await Harness().start(pg_dsn, server={"max_body_bytes": 1024})
     try:
         _, _, k = await h.user_and_key()
-        status, h2, raw = await post(http, h, "/v1/chat/completions",
+        status, _, raw = await post(http, h, "/v1/chat/completions",
                                      {**CHAT, "pad": "x" * 5000}, bearer(k))
         assert status == 413
         assert orjson.loads(raw)["error"]["code"] == "request_too_large"
@@ -398,7 +398,7 @@ async def test_stream_bytes_are_exact(pg_dsn: str, http: aiohttp.ClientSession) 
     h = await Harness().start(pg_dsn, channels=[
         {"name": "scripted", "protocol": "anthropic", "base_url": f"http://127.0.0.1:{port}", "models": ["*"]}])
     try:
-        user_id, key_id, k = await h.user_and_key()
+        _, key_id, k = await h.user_and_key()
         status, headers, body = await post(http, h, "/v1/messages", {**MSG, "stream": True}, {"x-api-key": k})
         assert status == 200
         assert body == stream

@@ -207,8 +207,6 @@ async def test_upstream_redirect_is_not_followed(pg_dsn: str, http: aiohttp.Clie
         await target_srv.wait_closed()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: limits.auth_failures_per_minute is parsed but never enforced "
-                                       "(no code reads it in relay/ or limits/)")
 async def test_failed_auth_from_one_ip_is_slowed(pg_dsn: str, http: aiohttp.ClientSession) -> None:
     h = await Harness().start(pg_dsn, limits={"auth_failures_per_minute": 5})
     try:
