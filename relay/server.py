@@ -199,7 +199,15 @@ def worker_main(cfg: Config, dsn: str, index: int, sock: socket.socket) -> None:
 async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket) -> None:
     from relay.worker import Worker
 
-    worker = Worker(cfg, dsn, index)
+    # Benchmarks only: TOLLWAY_BENCH_OFF=limits,ledger measures what each component costs
+    # by running the same gateway without it. Never set in production: without the
+    # ledger nothing is billed, without limits nothing is enforced.
+    off = {x.strip() for x in os.environ.get("TOLLWAY_BENCH_OFF", "").split(",") if x.strip()}
+    if off:
+        log.warning("TOLLWAY_BENCH_OFF=%s: running without %s (benchmarks only)",
+                    ",".join(sorted(off)), " and ".join(sorted(off)))
+    worker = Worker(cfg, dsn, index, with_limits="limits" not in off,
+                    with_ledger="ledger" not in off)
     await worker.start(sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
