@@ -460,8 +460,9 @@ async def test_sigterm_under_load_finishes_streams_and_exits_0(serve_env: Any, p
 async def test_kill9_under_load_journal_replayed_exactly_once(serve_env: Any, pg_dsn: str,
                                                              http: aiohttp.ClientSession) -> None:
     make, _ = serve_env
-    # A slow flush cadence: at the kill most settled rows exist only in the journal.
-    sp = make({"flush_interval_ms": 700})
+    # No flush before the kill (a minute's cadence, a batch size never reached): every
+    # settled row exists only in the journal, so the restart must replay all of them.
+    sp = make({"flush_interval_ms": 60000, "flush_rows": 100000})
     user_id, key = await _user(sp, f"kill9_{os.getpid()}_{time.monotonic_ns()}")
     await sp.start()
     url = f"http://127.0.0.1:{sp.port}"
@@ -483,6 +484,9 @@ async def test_kill9_under_load_journal_replayed_exactly_once(serve_env: Any, pg
     assert len(before & set(done)) < len(done), "everything was flushed before the kill: no replay tested"
     journal = sp.tmp / "data" / "journal"
     assert sum(f.stat().st_size for f in journal.glob("*.wal")) > 0, "the settled rows are on disk"
+    # The restarted gateway flushes at the usual cadence.
+    sp.config.write_text(sp.config.read_text().replace(
+        "flush_interval_ms = 60000\nflush_rows = 100000\n", "flush_interval_ms = 100\n"))
     await sp.start()
     try:
         rows = await wait_rows(pg_dsn, user_id, len(done), within=8)
