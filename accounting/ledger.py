@@ -27,9 +27,12 @@ data error) is isolated by bisecting its batch and, unless making its text stora
 fixes it, set aside in a dead-letter file; it never blocks the rows behind it.
 Nothing is ever dropped silently.
 
-Rows drawn on a plan (`plan_id != 0`) are charged to the key's spend but not to the
-user's balance; charging the plan itself is the plans module's job (see
-`_PLAN_DELTAS_HOOK`).
+Rows drawn on a plan (`plan_id` = a subscription's id) are charged to the key's spend
+and to the subscription's credit (accounting.plans.charge, in the same transaction);
+only what the plan cannot cover, with balance fallback on, reaches the user's balance.
+`on_flushed` receives the per-user sums of balance rows (plan_id 0) only, and
+`on_plans_flushed` the per-subscription sums of plan rows, because that is how
+admission reserved them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import Any, Protocol
 import asyncpg
 import orjson
 
+from accounting import plans as plan_credit
 from accounting.journal import Cursor, DeadSegment, Journal, dead_segments
 from accounting.records import UsageRecord
 
@@ -232,14 +236,19 @@ _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 # The staged (= new) rows' hourly upsert and per-user / per-key / per-plan sums, in one
 # statement. `g` is small (one row per hour, user, key, group, model and plan), so the
 # sums are read from it rather than from the rows again.
-_AGGREGATE = f"""
-WITH g AS (
-    SELECT date_trunc('hour', to_timestamp(ts), 'UTC') AS hour, user_id, key_id, group_name, model, plan_id,
+def _grouped(source: str, ts: str) -> str:
+    """Rows of `source` summed per (hour, user, key, group, model, plan); `ts` is the
+    expression giving a row's timestamptz."""
+    return f"""
+    SELECT date_trunc('hour', {ts}, 'UTC') AS hour, user_id, key_id, group_name, model, plan_id,
         count(*) AS requests, count(*) FILTER (WHERE status >= 400 OR error_code <> '') AS errors,
         {", ".join(f"sum({t}) AS {t}" for t in _TOKENS)}, sum(cost_nano) AS cost_nano,
-        sum(latency_ms) AS latency_ms_sum, sum(ttfb_ms) AS ttfb_ms_sum, max(to_timestamp(ts)) AS last_at
-    FROM {_STAGE} GROUP BY 1, 2, 3, 4, 5, 6
-), hourly AS (
+        sum(latency_ms) AS latency_ms_sum, sum(ttfb_ms) AS ttfb_ms_sum, max({ts}) AS last_at
+    FROM {source} GROUP BY 1, 2, 3, 4, 5, 6"""
+
+
+# Adds `g` into usage_hourly.
+_HOURLY_UPSERT = f"""
     INSERT INTO usage_hourly (hour, user_id, key_id, group_name, model, requests, errors,
         {", ".join(_TOKENS)}, cost_nano, latency_ms_sum, ttfb_ms_sum, last_at)
     SELECT hour, user_id, key_id, group_name, model, sum(requests), sum(errors),
@@ -253,7 +262,19 @@ WITH g AS (
         cost_nano = usage_hourly.cost_nano + EXCLUDED.cost_nano,
         latency_ms_sum = usage_hourly.latency_ms_sum + EXCLUDED.latency_ms_sum,
         ttfb_ms_sum = usage_hourly.ttfb_ms_sum + EXCLUDED.ttfb_ms_sum,
-        last_at = greatest(usage_hourly.last_at, EXCLUDED.last_at)
+        last_at = greatest(usage_hourly.last_at, EXCLUDED.last_at)"""
+
+
+def hourly_rollup_sql(source: str, ts: str = "ts") -> str:
+    """The flusher's aggregation of rows into usage_hourly, reading `source` (a table
+    or subquery of usage_log's shape). bench/usage_scale.py builds usage_hourly with it,
+    so the benchmark's aggregates are exactly the flusher's."""
+    return f"WITH g AS ({_grouped(source, ts)}) {_HOURLY_UPSERT}"
+
+
+_AGGREGATE = f"""
+WITH g AS ({_grouped(_STAGE, "to_timestamp(ts)")}
+), hourly AS ({_HOURLY_UPSERT}
 )
 SELECT 0 AS kind, user_id AS id, sum(cost_nano)::bigint AS delta
     FROM g WHERE plan_id = 0 GROUP BY user_id
@@ -277,9 +298,6 @@ _CHARGE_KEYS = (
     "UPDATE keys AS k SET spent_nano = k.spent_nano + d.delta"
     " FROM unnest($1::bigint[], $2::bigint[]) AS d(id, delta) WHERE k.id = d.id"
 )
-# Integration point: plan (subscription) credit is charged by the plans module; until it
-# exists the per-plan sums are only counted in stats (the rows are in usage_log anyway).
-_PLAN_DELTAS_HOOK: Callable[[asyncpg.Connection, dict[int, int]], Any] | None = None
 
 # ts travels as unix seconds (float) and becomes a timestamptz here, to the microsecond
 # exactly as Postgres' to_timestamp(float8) rounds it (shift to the 2000 epoch, scale,
@@ -449,17 +467,23 @@ async def _account(conn: asyncpg.Connection, inserted: int) -> FlushResult:
         return FlushResult(0, users, keys, plans)
     for kind, ident, delta in await conn.fetch(_AGGREGATE):
         (users, keys, plans)[kind][ident] = delta
-    user_ids = sorted(i for i, d in users.items() if d)
+    # Lock order everywhere: subscriptions, users, keys.
+    debits = users
+    if plans:
+        spill = await plan_credit.charge(conn, _STAGE)
+        if spill:
+            debits = dict(users)
+            for i, d in spill.items():
+                debits[i] = debits.get(i, 0) + d
+    user_ids = sorted(i for i, d in debits.items() if d)
     if user_ids:
         await conn.execute(_LOCK_USERS, user_ids)
-        await conn.execute(_CHARGE_USERS, user_ids, [users[i] for i in user_ids])
+        await conn.execute(_CHARGE_USERS, user_ids, [debits[i] for i in user_ids])
     key_ids = sorted(i for i, d in keys.items() if d)
     if key_ids:
         await conn.execute(_LOCK_KEYS, key_ids)
         await conn.execute(_SPEND_ONLY)
         await conn.execute(_CHARGE_KEYS, key_ids, [keys[i] for i in key_ids])
-    if plans and _PLAN_DELTAS_HOOK is not None:
-        await _PLAN_DELTAS_HOOK(conn, plans)
     return FlushResult(inserted, users, keys, plans)
 
 
@@ -520,6 +544,8 @@ class Flusher:
         self.ledger = ledger
         self.dsn = dsn  # read at every (re)connect
         self.on_flushed = on_flushed
+        # Called with {subscription id: nano} right before on_flushed (limits' plan scopes).
+        self.on_plans_flushed: Callable[[dict[int, int]], None] | None = None
         self._interval = max(flush_interval_ms, 1) / 1000
         self._flush_rows = max(flush_rows, 1)
         self._max_batch = self._flush_rows * max(max_batch_factor, 1)
@@ -741,6 +767,7 @@ class Flusher:
         inserted = 0
         users: dict[int, int] = {}
         keys: dict[int, int] = {}
+        plans: dict[int, int] = {}
         for res in results:
             inserted += res.inserted
             bad.extend(res.rejected)
@@ -748,11 +775,18 @@ class Flusher:
                 users[ident] = users.get(ident, 0) + d
             for ident, d in res.key_deltas.items():
                 keys[ident] = keys.get(ident, 0) + d
+            for ident, d in res.plan_deltas.items():
+                plans[ident] = plans.get(ident, 0) + d
             self.plan_charged_nano += sum(res.plan_deltas.values())
         if bad:
             self._deadletter(bad, len(batch))
         self.flushed_rows += inserted
         self.duplicate_rows += len(batch) - inserted - len(bad)
+        if self.on_plans_flushed is not None and plans:
+            try:
+                self.on_plans_flushed(plans)
+            except Exception:
+                log.exception("on_plans_flushed callback failed")
         if self.on_flushed is not None and (users or keys):
             try:
                 self.on_flushed(users, keys)

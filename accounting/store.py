@@ -484,15 +484,23 @@ _STATE_SELECT = (
     "SELECT k.key_hash, k.id, k.user_id, k.name, k.status, u.status AS user_status,"
     " extract(epoch FROM k.expires_at)::float8 AS expires, k.models, k.group_name, k.cap_nano,"
     " k.concurrency, k.rpm, k.tpm, k.allowed_cidrs, k.plan_id,"
-    " greatest(k.version, u.version) AS v"
+    " extract(epoch FROM CASE WHEN s.cancelled_at < s.expires_at THEN s.cancelled_at"
+    " ELSE s.expires_at END)::float8 AS plan_ends, s.balance_fallback,"
+    " greatest(k.version, u.version, s.version) AS v"
     " FROM keys k JOIN users u ON u.id = k.user_id"
+    " LEFT JOIN subscriptions s ON k.plan_id <> 0 AND s.id = k.plan_id"
 )
+# A key bound to a subscription that does not exist draws on nothing: it reads as a
+# plan that ended at the epoch's first second.
+_NO_PLAN_ENDS = 1.0
 
 
 async def fetch_key_states(
     conn: Conn, since_version: int = 0
 ) -> tuple[list[tuple[bytes, KeyState, str]], int]:
-    """Keys changed (or whose user changed) after `since_version`: (sha256, state, status).
+    """Keys changed (or whose user or subscription changed) after `since_version`:
+    (sha256, state, status). A key bound to a subscription (keys.plan_id = its id)
+    carries when the subscription ends (its term, or its cancellation if earlier).
 
     Disabled and deleted keys are included so a cache can drop them. Returns the rows
     and the cursor for the next call.
@@ -504,7 +512,9 @@ async def fetch_key_states(
             f"{_STATE_SELECT} WHERE k.id IN ("
             " SELECT id FROM keys WHERE version > $1"
             " UNION SELECT k2.id FROM keys k2 JOIN users u2 ON u2.id = k2.user_id"
-            " WHERE u2.version > $1)",
+            " WHERE u2.version > $1"
+            " UNION SELECT k3.id FROM keys k3 JOIN subscriptions s3 ON s3.id = k3.plan_id"
+            " WHERE s3.version > $1)",
             since_version,
         )
     out = []
@@ -517,6 +527,8 @@ async def fetch_key_states(
             models=None if models is None else frozenset(models), group=r["group_name"],
             cap_nano=r["cap_nano"], concurrency=r["concurrency"], rpm=r["rpm"], tpm=r["tpm"],
             allowed_cidrs=tuple(r["allowed_cidrs"]), plan_id=r["plan_id"],
+            plan_expires_at=(r["plan_ends"] or _NO_PLAN_ENDS) if r["plan_id"] else 0.0,
+            plan_fallback=bool(r["balance_fallback"]),
         )
         out.append((bytes(r["key_hash"]), state, r["status"]))
         cursor = max(cursor, r["v"])

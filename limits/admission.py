@@ -3,12 +3,19 @@
 `Limiter.admit` runs on every request. It checks, in order: key enabled, user enabled,
 key expiry, plan expiry, model scope, IP allowlist, distinct-IP (device) cap per user,
 concurrency, RPM and TPM (per key and per user), then reserves the request's estimated
-cost against the key cap and the user balance. It answers with a `Lease` (the caller
+cost against the key cap and the user balance, or, for a key bound to a subscription
+(`KeyState.plan_id`), against the plan's credit: plan first, then (with the
+subscription's balance fallback on) the user's balance once the plan cannot cover the
+reservation. The lease says which one it drew on (`Lease.plan_id`, 0: the balance);
+relay records that on the usage row, so the ledger charges what admission reserved. It answers with a `Lease` (the caller
 must `release` it exactly once, on every path) or a `Denial` that relay renders. It never
 awaits, never touches Postgres and never raises for a limit.
 
 Budgets. For a user: available = db_balance - unflushed - reserved; for a key:
-cap - db_spent - unflushed - reserved. `db_*` is the last Postgres snapshot
+cap - db_spent - unflushed - reserved; for a plan (subscription): db_remaining -
+unflushed - reserved, where db_remaining is the plan credit left at the snapshot
+(`apply_plan_snapshot`; accounting.plans.budgets: the total left, bounded by the
+current cycle's periodic credit). `db_*` is the last Postgres snapshot
 (`apply_user_snapshot`, `apply_key_snapshot`), `unflushed` is settled here but not yet
 committed (`on_flushed` moves it into the snapshot's domain), `reserved` is in flight.
 A release replaces the reservation by the actual cost, so spend exceeds a cap or balance
@@ -44,9 +51,13 @@ if TYPE_CHECKING:
 Headers = tuple[tuple[bytes, bytes], ...]
 # A loader returns (user balance, key spent) in nano-USD from the system of record.
 Loader = Callable[[int, int], Awaitable[tuple[int, int]]]
+# A plan loader returns a subscription's remaining plan credit in nano-USD.
+PlanLoader = Callable[[int], Awaitable[int]]
 
 _INF = math.inf
 _CONC_RETRY_S = 1.0  # no natural clock for a slot to free; a short, honest hint
+# Outcomes of Limiter._fits.
+_FITS, _SHORT, _REFILL, _DEGRADED, _UNKNOWN = 1, 0, -1, -2, -3
 
 
 def check_workers(cfg: LimitsConfig, workers: int) -> str | None:
@@ -198,7 +209,7 @@ class Scope:
     )
 
     def __init__(self, kind: str, id: int, now: float) -> None:
-        self.kind = kind  # "k" or "u"
+        self.kind = kind  # "k" (key), "u" (user) or "p" (plan: a subscription)
         self.id = id
         self.inflight = 0
         self.rt = _INF  # RPM tokens (a full bucket until the limit is known)
@@ -206,7 +217,7 @@ class Scope:
         self.tt = _INF  # TPM level
         self.tcap = 0.0  # TPM bucket capacity at the last admission (0: no TPM limit)
         self.tts = now
-        self.db: int | None = None  # user: balance; key: -spent (None: no snapshot yet)
+        self.db: int | None = None  # user: balance; key: -spent; plan: remaining (None: unknown)
         self.limit = 0  # key: cap (0 for users) so that available = limit + db - ...
         self.unflushed = 0
         self.reserved = 0
@@ -234,9 +245,11 @@ class Lease:
     __slots__ = (
         "_k",
         "_limiter",
+        "_m",
         "_u",
         "lim_r",
         "lim_t",
+        "plan_id",
         "rem_r",
         "rem_t",
         "reserve",
@@ -246,11 +259,14 @@ class Lease:
 
     def __init__(
         self, limiter: Limiter, k: Scope, u: Scope, reserve: int,
-        rate: tuple[int, int, float, int, int, float],
+        rate: tuple[int, int, float, int, int, float], m: Scope | None = None,
     ) -> None:
         self._limiter: Limiter | None = limiter
         self._k = k
         self._u = u
+        self._m = u if m is None else m  # the money scope: the user's balance or a plan
+        # The subscription the request draws on (0: the balance): the usage row's plan_id.
+        self.plan_id = m.id if m is not None and m.kind == "p" else 0
         self.reserve = reserve
         self.lim_r, self.rem_r, self.reset_r, self.lim_t, self.rem_t, self.reset_t = rate
 
@@ -274,7 +290,7 @@ class Lease:
         if limiter is None:
             return
         self._limiter = None
-        limiter._release(self._k, self._u, self.reserve, cost_nano, tokens)
+        limiter._release(self._k, self._u, self._m, self.reserve, cost_nano, tokens)
 
 
 # --- the limiter -------------------------------------------------------------------------
@@ -290,6 +306,7 @@ class Limiter:
         *,
         workers: int = 1,
         loader: Loader | None = None,
+        plan_loader: PlanLoader | None = None,
         redis_prefix: str = "tollway:",
         lease_ttl_s: float = 10.0,
         sync_interval_s: float = 0.05,
@@ -297,10 +314,12 @@ class Limiter:
         self.cfg = cfg
         self.clock = clock
         self.loader = loader
+        self.plan_loader = plan_loader
         # Safe mode divides shared limits by the number of workers that may enforce them.
         self.peers = max(1, workers)
         self.keys: dict[int, Scope] = {}
         self.users: dict[int, Scope] = {}
+        self.plans: dict[int, Scope] = {}  # by subscription id
         self.denials: dict[str, int] = {}
         self.inflight = 0
         self.degraded = False  # Redis configured but unreachable: safe mode
@@ -335,8 +354,15 @@ class Limiter:
                 self.apply_user_snapshot(key.user_id, balance)
             if k.db is None:
                 self.apply_key_snapshot(key.id, spent)
+        p = None
+        if key.plan_id:
+            p = self._scope(self.plans, "p", key.plan_id, now)
+            if p.db is None and self.plan_loader is not None:
+                remaining = await self.plan_loader(key.plan_id)
+                if p.db is None:
+                    self.apply_plan_snapshot(key.plan_id, remaining)
         if self.shared is not None:
-            await self.shared.refill_now(key, k, u)
+            await self.shared.refill_now(key, k, u, p)
 
     # -- snapshots from the system of record --
 
@@ -354,12 +380,25 @@ class Limiter:
         if self.shared is not None:
             self.shared.snapshot(s, time.time() if as_of is None else as_of)
 
+    def apply_plan_snapshot(self, sub_id: int, remaining_nano: int, as_of: float | None = None) -> None:
+        """Latest remaining plan credit of a subscription (see apply_user_snapshot)."""
+        s = self._scope(self.plans, "p", sub_id, self.clock())
+        s.db = remaining_nano
+        if self.shared is not None:
+            self.shared.snapshot(s, time.time() if as_of is None else as_of)
+
+    def on_plan_flushed(self, plan_deltas: dict[int, int], committed_at: float | None = None) -> None:
+        """The ledger committed these plan rows' costs (by subscription id)."""
+        self.on_flushed({}, {}, committed_at, plan_deltas)
+
     def on_flushed(
-        self, user_deltas: dict[int, int], key_deltas: dict[int, int], committed_at: float | None = None
+        self, user_deltas: dict[int, int], key_deltas: dict[int, int], committed_at: float | None = None,
+        plan_deltas: dict[int, int] | None = None,
     ) -> None:
         """The ledger committed these costs: they now live in the next snapshot, not here."""
         at = time.time() if committed_at is None else committed_at
-        for table, deltas in ((self.users, user_deltas), (self.keys, key_deltas)):
+        for table, deltas in ((self.users, user_deltas), (self.keys, key_deltas),
+                              (self.plans, plan_deltas or {})):
             for sid, delta in deltas.items():
                 s = table.get(sid)
                 if s is None:
@@ -563,36 +602,35 @@ class Limiter:
             if not lim_t or level < rem_t:
                 lim_t, rem_t, reset_t = tpm, int(level), (cap - level) / rate
 
-        # Quota: the reservation must fit the key cap and the user balance.
+        # Quota: the reservation must fit the key cap and the money scope: the plan's
+        # credit for a key bound to a subscription (else, with fallback, the balance),
+        # the user's balance for any other key.
         cap_nano = key.cap_nano
         k.limit = cap_nano
-        for s in ((k, u) if cap_nano else (u,)):
-            if shared is not None:
-                # Leased budget only; in safe mode no new slice can be had.
-                avail = s.held - s.reserved
-                if reserve_nano > avail or avail <= 0:
-                    s.last_reserve = reserve_nano
-                    if self.degraded:
-                        return self._deny(Denial(
-                            429, "rate_limit_exceeded",
-                            "quota check temporarily unavailable; retry shortly", 1.0,
-                            ((b"retry-after", b"1"),), reason="quota_degraded",
-                        ))
-                    if now < s.money_empty_until:
-                        return self._quota_denial(s is k)
-                    return None
+        m = u
+        if key.plan_id:
+            p = self.plans.get(key.plan_id)
+            if p is None:
+                p = self.plans[key.plan_id] = Scope("p", key.plan_id, now)
+            p.touched = now
+            fit = self._fits(p, reserve_nano, now)
+            if fit == _FITS:
+                m = p
+            elif fit == _SHORT:
+                if not key.plan_fallback:
+                    return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted",
+                                             reason="plan_credit"))
             else:
-                db = s.db
-                if db is None:
-                    if self.loader is not None:
-                        return None
-                    return self._deny(Denial(
-                        402, "insufficient_quota", "balance not loaded yet", 1.0,
-                        ((b"retry-after", b"1"),), reason="quota_unknown",
-                    ))
-                avail = s.limit + db - s.unflushed - s.reserved
-                if reserve_nano > avail or avail <= 0:
-                    return self._quota_denial(s is k)
+                return self._undecided(fit, "plan credit not loaded yet")
+        for s in ((k, m) if cap_nano else (m,)):
+            fit = self._fits(s, reserve_nano, now)
+            if fit == _SHORT:
+                if s is m and m is not u:
+                    return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted",
+                                             reason="plan_credit"))
+                return self._quota_denial(s is k)
+            if fit != _FITS:
+                return self._undecided(fit, "balance not loaded yet")
 
         # Commit.
         if krpm:
@@ -611,19 +649,50 @@ class Limiter:
         u.inflight += 1
         if cap_nano:
             k.reserved += reserve_nano
-        u.reserved += reserve_nano
+        m.reserved += reserve_nano
         self.inflight += 1
         if shared is not None:
-            shared.after_admit(key, k, u)
+            shared.after_admit(key, k, u, m)
         return Lease(self, k, u, reserve_nano if cap_nano else -reserve_nano,
-                     (lim_r, rem_r, reset_r, lim_t, rem_t, reset_t))
+                     (lim_r, rem_r, reset_r, lim_t, rem_t, reset_t), m)
+
+    def _fits(self, s: Scope, reserve: int, now: float) -> int:
+        """Whether `reserve` fits the money scope `s` (_FITS, _SHORT), or why that is not
+        known yet (_REFILL: await refill; _DEGRADED: Redis away; _UNKNOWN: no snapshot)."""
+        if self.shared is not None:
+            # Leased budget only; in safe mode no new slice can be had.
+            avail = s.held - s.reserved
+            if reserve <= avail and avail > 0:
+                return _FITS
+            s.last_reserve = reserve
+            if self.degraded:
+                return _DEGRADED
+            return _SHORT if now < s.money_empty_until else _REFILL
+        db = s.db
+        if db is None:
+            has_loader = self.plan_loader if s.kind == "p" else self.loader
+            return _REFILL if has_loader is not None else _UNKNOWN
+        avail = s.limit + db - s.unflushed - s.reserved
+        return _FITS if reserve <= avail and avail > 0 else _SHORT
+
+    def _undecided(self, fit: int, unknown: str) -> Denial | None:
+        if fit == _REFILL:
+            return None
+        if fit == _DEGRADED:
+            return self._deny(Denial(
+                429, "rate_limit_exceeded", "quota check temporarily unavailable; retry shortly", 1.0,
+                ((b"retry-after", b"1"),), reason="quota_degraded",
+            ))
+        return self._deny(Denial(402, "insufficient_quota", unknown, 1.0,
+                                 ((b"retry-after", b"1"),), reason="quota_unknown"))
 
     def _quota_denial(self, is_key: bool) -> Denial:
         msg = "key spending cap reached" if is_key else "insufficient balance"
         return self._deny(Denial(402, "insufficient_quota", msg, reason="key_cap" if is_key else "balance"))
 
-    def _release(self, k: Scope, u: Scope, reserve: int, cost: int, tokens: int) -> None:
+    def _release(self, k: Scope, u: Scope, m: Scope, reserve: int, cost: int, tokens: int) -> None:
         # A negative reserve marks a lease that reserved nothing against the key cap.
+        # `m` is the money scope the lease drew on: the user's balance or a plan.
         k.inflight -= 1
         u.inflight -= 1
         self.inflight -= 1
@@ -633,9 +702,9 @@ class Limiter:
             k.held -= cost
         else:
             reserve = -reserve
-        u.reserved -= reserve
-        u.unflushed += cost
-        u.held -= cost
+        m.reserved -= reserve
+        m.unflushed += cost
+        m.held -= cost
         shared = self.shared is not None
         if tokens:
             now = self.clock()

@@ -25,4 +25,5 @@ class KeyState:
     tpm: int
     allowed_cidrs: tuple[str, ...] = ()
     plan_id: int = 0  # subscription this key draws on, 0: none
-    plan_expires_at: float = 0.0
+    plan_expires_at: float = 0.0  # unix seconds the subscription ended or ends (0: no plan)
+    plan_fallback: bool = False  # plan credit exhausted: draw on the user's balance

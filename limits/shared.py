@@ -194,11 +194,11 @@ class Shared:
 
     # -- called by the limiter (synchronous) --
 
-    def after_admit(self, key: KeyState, k: Scope, u: Scope) -> None:
-        self._limits(key, k, u)
+    def after_admit(self, key: KeyState, k: Scope, u: Scope, m: Scope | None = None) -> None:
+        self._limits(key, k, u, m)
         block = self.block
         half = block // 2
-        for s in (k, u):
+        for s in (k, u) if m is None or m is u else (k, u, m):
             if s.last_reserve and s.held - s.reserved < s.last_reserve * (half + 1):
                 self._grow.add(s)
                 self._hungry.add(s)
@@ -233,7 +233,7 @@ class Shared:
     # -- leasing --
 
     def _all(self) -> list[Scope]:
-        return [*self.lim.keys.values(), *self.lim.users.values()]
+        return [*self.lim.keys.values(), *self.lim.users.values(), *self.lim.plans.values()]
 
     def _name(self, s: Scope) -> str:
         return f"{self.prefix}s:{s.kind}{s.id}"
@@ -242,7 +242,7 @@ class Shared:
         self.errors += 1
         self.lim.degraded = True
 
-    def _limits(self, key: KeyState, k: Scope, u: Scope) -> None:
+    def _limits(self, key: KeyState, k: Scope, u: Scope, p: Scope | None = None) -> None:
         cfg = self.lim.cfg
         k.lc = key.concurrency or cfg.key_concurrency
         k.lr = key.rpm or cfg.key_rpm
@@ -254,18 +254,22 @@ class Shared:
         u.lr = cfg.user_rpm
         u.lt = cfg.user_tpm
         u.money = True
+        if p is not None:  # a plan scope holds money only: no rate or concurrency limits
+            p.money = True
+            p.limit = 0
 
-    async def refill_now(self, key: KeyState, k: Scope, u: Scope) -> None:
+    async def refill_now(self, key: KeyState, k: Scope, u: Scope, p: Scope | None = None) -> None:
         """Lease for this key's scopes now (the caller waits); degrade on Redis failure."""
-        self._limits(key, k, u)
+        self._limits(key, k, u, p)
         if self.lim.degraded:
             return
-        for s in (k, u):
+        scopes = [k, u] if p is None else [k, u, p]
+        for s in scopes:
             if not s.last_reserve:
                 s.last_reserve = 1
             self._grow.add(s)
         try:
-            unknown = await self._sync_scopes([k, u])
+            unknown = await self._sync_scopes(scopes)
             if unknown:
                 for s in unknown:
                     await self._rebuild(s)
@@ -276,7 +280,13 @@ class Shared:
     async def _rebuild(self, s: Scope) -> None:
         """Redis has no snapshot for this scope (new, flushed or restarted): seed it."""
         loader = self.lim.loader
-        if loader is not None:
+        plan_loader = self.lim.plan_loader
+        if s.kind == "p":
+            if plan_loader is not None:
+                as_of = time.time()
+                s.db = await plan_loader(s.id)
+                self._versions[s] = as_of
+        elif loader is not None:
             as_of = time.time()
             if s.kind == "u":
                 balance, _ = await loader(s.id, 0)
