@@ -1,5 +1,6 @@
 """The admin API under /admin/v1: users, balances, keys, groups, channels, prices, codes,
-audit, usage and health, as JSON over the gateway's own listener.
+plans, subscriptions and their team keys, plan codes, sign-up and invite codes, audit,
+usage and health, as JSON over the gateway's own listener.
 
 Every route but the OpenAPI document needs the admin token (`Authorization: Bearer`,
 compared in constant time); with no token configured every route answers 403 and says
@@ -28,10 +29,11 @@ from typing import Any
 import asyncpg
 
 from accounting import channels as chan_store
-from accounting import codes, health, pricing, reports, store, topups
+from accounting import codes, growth, health, plans, pricing, reports, store, topups
 from accounting.money import format_fraction, format_usd, parse_multiplier, parse_usd
 from relay import errors as E
 from relay.cli import channel_json, key_json, money, user_json
+from relay.cli_plans import plan_json, subscription_json
 from relay.config import Price
 from relay.httpserver import Request
 from relay.proxy import extract_secret
@@ -311,6 +313,12 @@ class Admin:
         raw = getattr(self.gw.cfg.admin, "min_topup", "") or DEFAULT_MIN_TOPUP
         return parse_usd(raw, what="admin.min_topup")
 
+    def _growth(self) -> growth.Terms:
+        return growth.Terms.of(self.gw.cfg.growth)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
     # --- openapi ----------------------------------------------------------------------
 
     async def openapi(self, call: Call) -> Reply:
@@ -391,11 +399,18 @@ class Admin:
         async with self.tx() as conn:
             user = await self._user(conn, user_ref)
             c = await topups.credit(conn, user.id, amount, external_id, note or f"top-up by {call.ctx}")
+            reward = None
             if not c.duplicate:
                 await store.audit(conn, call.ctx, "user.topup", str(user.id),
                                   {"name": user.name, "amount_nano": amount,
                                    "external_id": external_id, "topup_id": c.topup_id})
-        return Reply(200 if c.duplicate else 201, credit_json(c))
+                # An invited user's first top-up pays the inviter their share, once.
+                reward = await growth.reward_inviter(conn, user.id, c.topup_id, amount,
+                                                     self._growth().share)
+        out = credit_json(c)
+        if reward is not None:
+            out["invite_reward"] = {"inviter_id": reward[0], **money("amount", reward[1])}
+        return Reply(200 if c.duplicate else 201, out)
 
     async def topups_create_for_user(self, call: Call) -> Reply:
         body = call.body()
@@ -765,6 +780,236 @@ class Admin:
             raise E.NotFound(f"no redemption code starts with {prefix!r}")
         return {"data": [code_json(r) for r in rows], "next": None}
 
+    # --- plans ------------------------------------------------------------------------
+
+    _PLAN_BODY = {"name", "price", "price_nano", "credit", "credit_nano", "validity", "validity_s",
+                  "periodic_credit", "periodic_credit_nano", "reset", "reset_s", "models", "groups",
+                  "renewal_window_s", "status"}
+
+    def _plan_fields(self, body: dict[str, Any]) -> dict[str, Any]:
+        _only(body, self._PLAN_BODY)
+        out: dict[str, Any] = {}
+        for name, col in (("price", "price_nano"), ("credit", "credit_nano"),
+                          ("periodic_credit", "periodic_nano")):
+            v = _nano(body, name)
+            if v is not None:
+                out[col] = v
+        for name in ("name", "validity", "reset", "status"):
+            if body.get(name) is not None:
+                out[name] = _text(body, name)
+        for name in ("validity_s", "reset_s", "renewal_window_s"):
+            v = _int(body, name, hi=2**62)
+            if v is not None:
+                out[name] = v
+        if "models" in body:
+            out["models"] = _names(body, "models")
+        if body.get("groups") is not None:
+            out["groups"] = _names(body, "groups")
+        return out
+
+    async def _plan(self, conn: Any, ref: str) -> plans.Plan:
+        return await plans.get_plan(conn, _ref(ref))
+
+    async def plans_create(self, call: Call) -> Reply:
+        f = self._plan_fields(call.body())
+        for need in ("name", "credit_nano"):
+            if need not in f:
+                raise E.InvalidRequest(f"{need.removesuffix('_nano')}: required")
+        f.pop("status", None)
+        async with self.tx() as conn:
+            p = await plans.create_plan(conn, f.pop("name"), f.pop("credit_nano"),
+                                        f.pop("validity", "month"), **f)
+            await store.audit(conn, call.ctx, "plan.create", str(p.id), {"name": p.name})
+        return Reply(201, plan_json(p))
+
+    async def plans_list(self, call: Call) -> Any:
+        async with self.read() as conn:
+            rows = await plans.list_plans(conn, include_archived=q_bool(call.query, "all"))
+        return {"data": [plan_json(p) for p in rows], "next": None}
+
+    async def plans_show(self, call: Call) -> Any:
+        async with self.read() as conn:
+            return plan_json(await self._plan(conn, call.params["plan"]))
+
+    async def plans_edit(self, call: Call) -> Any:
+        f = self._plan_fields(call.body())
+        async with self.tx() as conn:
+            p = await self._plan(conn, call.params["plan"])
+            p = await plans.edit_plan(conn, p.id, **f)
+            await store.audit(conn, call.ctx, "plan.edit", str(p.id), self._audit_fields(f))
+        return plan_json(p)
+
+    async def plans_delete(self, call: Call) -> Any:
+        # Archived, not removed: subscriptions refer to it; it can no longer be bought or renewed.
+        async with self.tx() as conn:
+            p = await self._plan(conn, call.params["plan"])
+            p = await plans.edit_plan(conn, p.id, status="archived")
+            await store.audit(conn, call.ctx, "plan.archive", str(p.id), {"name": p.name})
+        return plan_json(p)
+
+    async def plan_codes_create(self, call: Call) -> Reply:
+        body = call.body()
+        _only(body, {"count", "expires_at"})
+        count = _int(body, "count", lo=1, hi=10_000)
+        if count is None:
+            raise E.InvalidRequest("count: required (1..10000)")
+        expires = _time(body, "expires_at")
+        async with self.tx() as conn:
+            p = await self._plan(conn, call.params["plan"])
+            batch, made = await plans.create_plan_codes(conn, p.id, count, expires)
+            await store.audit(conn, call.ctx, "plan_codes.create", str(batch),
+                              {"plan_id": p.id, "count": count})
+        return Reply(201, {"batch_id": batch, "plan_id": p.id, "count": count,
+                           "expires_at": expires, "codes": made})
+
+    async def plan_codes_list(self, call: Call) -> Any:
+        async with self.read() as conn:
+            p = await self._plan(conn, call.params["plan"])
+            rows = await plans.list_plan_codes(conn, p.id)
+        return {"data": rows, "next": None}
+
+    async def plan_codes_redeem(self, call: Call) -> Reply:
+        body = call.body()
+        _only(body, {"code", "user"})
+        code = _text(body, "code", required=True)
+        assert code is not None
+        async with self.tx() as conn:
+            user = await self._user(conn, str(body.get("user") or ""))
+            sub, key_id, secret = await plans.redeem_plan_code(conn, code, user.id, self.now())
+            await store.audit(conn, call.ctx, "plan_code.redeem", str(sub.id),
+                              {"user_id": user.id, "plan_id": sub.plan_id, "key_id": key_id})
+        return Reply(201, {**subscription_json(sub, self.now()), "key_id": key_id, "secret": secret})
+
+    # --- subscriptions ----------------------------------------------------------------
+
+    async def subscriptions_create(self, call: Call) -> Reply:
+        body = call.body()
+        _only(body, {"user", "plan", "pay_from_balance", "balance_fallback", "starts_at"})
+        plan = body.get("plan")
+        if isinstance(plan, bool) or not isinstance(plan, int | str) or plan == "":
+            raise E.InvalidRequest("plan: required (the plan's id or name)")
+        flags = {}
+        for f in ("pay_from_balance", "balance_fallback"):
+            if body.get(f) is not None:
+                if not isinstance(body[f], bool):
+                    raise E.InvalidRequest(f"{f}: expected true or false")
+                flags[f] = body[f]
+        # starts_at: the term and the reset cycle are anchored there (default: now).
+        start = _time(body, "starts_at") or self.now()
+        async with self.tx() as conn:
+            user = await self._user(conn, str(body.get("user") or ""))
+            p = await plans.get_plan(conn, plan if isinstance(plan, int) else _ref(plan))
+            sub, key_id, secret = await plans.subscribe(conn, user.id, p.id, start, **flags)
+            await store.audit(conn, call.ctx, "subscription.create", str(sub.id),
+                              {"user_id": user.id, "plan_id": p.id, "key_id": key_id, **flags})
+        return Reply(201, {**subscription_json(sub, self.now()), "key_id": key_id, "secret": secret})
+
+    async def subscriptions_list(self, call: Call) -> Any:
+        q = call.query
+        async with self.read() as conn:
+            uid = await self._user_id(conn, q)
+            subs = await plans.list_subscriptions(conn, uid, q_int(q, "plan"))
+        now = self.now()
+        rows = [subscription_json(s, now) for s in subs]
+        if q.get("state"):
+            rows = [r for r in rows if r["state"] == q["state"]]
+        return {"data": rows, "next": None}
+
+    async def _sub(self, conn: Any, call: Call) -> plans.Subscription:
+        return await plans.get_subscription(conn, _id(call.params["subscription"], "subscription"))
+
+    async def subscriptions_show(self, call: Call) -> Any:
+        async with self.read() as conn:
+            sub = await self._sub(conn, call)
+            keys = await plans.subscription_keys(conn, sub.id)
+        return {**subscription_json(sub, self.now()), "keys": [key_json(k) for k in keys]}
+
+    async def subscriptions_edit(self, call: Call) -> Any:
+        body = call.body()
+        _only(body, {"periodic_enabled", "balance_fallback"})
+        for f, v in body.items():
+            if v is not None and not isinstance(v, bool):
+                raise E.InvalidRequest(f"{f}: expected true or false")
+        async with self.tx() as conn:
+            sub = await self._sub(conn, call)
+            sub = await plans.set_options(conn, sub.id, periodic_enabled=body.get("periodic_enabled"),
+                                          balance_fallback=body.get("balance_fallback"))
+            await store.audit(conn, call.ctx, "subscription.edit", str(sub.id), body)
+        return subscription_json(sub, self.now())
+
+    async def subscriptions_renew(self, call: Call) -> Any:
+        body = call.body()
+        _only(body, {"pay_from_balance"})
+        pay = body.get("pay_from_balance") is True
+        async with self.tx() as conn:
+            sub = await self._sub(conn, call)
+            sub = await plans.renew(conn, sub.id, self.now(), pay_from_balance=pay)
+            await store.audit(conn, call.ctx, "subscription.renew", str(sub.id),
+                              {"expires_at": sub.expires_at.isoformat(), "pay_from_balance": pay})
+        return subscription_json(sub, self.now())
+
+    async def subscriptions_cancel(self, call: Call) -> Any:
+        async with self.tx() as conn:
+            sub = await self._sub(conn, call)
+            sub = await plans.cancel(conn, sub.id, self.now())
+            await store.audit(conn, call.ctx, "subscription.cancel", str(sub.id), {})
+        return subscription_json(sub, self.now())
+
+    async def subscription_keys_list(self, call: Call) -> Any:
+        async with self.read() as conn:
+            sub = await self._sub(conn, call)
+            keys = await plans.subscription_keys(conn, sub.id)
+        return {"data": [key_json(k) for k in keys], "next": None}
+
+    async def subscription_keys_create(self, call: Call) -> Reply:
+        body = call.body()
+        _only(body, {"name", "quantity", "group", "expires_at", "cap", "cap_nano"})
+        name = _text(body, "name", required=True)
+        assert name is not None
+        quantity = _int(body, "quantity", lo=1, hi=plans.MAX_TEAM_KEYS) or 1
+        async with self.tx() as conn:
+            sub = await self._sub(conn, call)
+            made = await plans.create_team_keys(
+                conn, sub.id, name, quantity=quantity, group=_text(body, "group"),
+                expires_at=_time(body, "expires_at"), cap_nano=_nano(body, "cap") or 0)
+            keys = [await store.get_key(conn, k) for k, _, _ in made]
+            await store.audit(conn, call.ctx, "subscription.keys", str(sub.id),
+                              {"key_ids": [k for k, _, _ in made], "quantity": quantity})
+        return Reply(201, {"data": [{**key_json(k), "secret": s}
+                                    for k, (_, s, _) in zip(keys, made, strict=True) if k is not None]})
+
+    # --- sign-up and invites ------------------------------------------------------------
+
+    async def signup(self, call: Call) -> Reply:
+        body = call.body()
+        _only(body, {"name", "invite_code"})
+        name = _text(body, "name", required=True)
+        assert name is not None
+        terms = self._growth()
+        async with self.tx() as conn:
+            got = await growth.signup(conn, name, terms, _text(body, "invite_code"))
+            user = await self._user(conn, got["user_id"])
+            await store.audit(conn, call.ctx, "user.signup", str(user.id),
+                              {"name": user.name, "inviter_id": got["inviter_id"]})
+        return Reply(201, {**user_json(user), **money("signup_credit", got["signup_nano"]),
+                           **money("invite_credit", got["invite_nano"]), "inviter_id": got["inviter_id"]})
+
+    async def invite_codes_create(self, call: Call) -> Reply:
+        body = call.body()
+        _only(body, {"max_uses"})
+        async with self.tx() as conn:
+            user = await self._user(conn, call.params["user"])
+            code = await growth.create_invite_code(conn, user.id, _int(body, "max_uses") or 0)
+            await store.audit(conn, call.ctx, "invite_code.create", str(user.id), {"code": code})
+        return Reply(201, {"code": code, "inviter_id": user.id, "max_uses": _int(body, "max_uses") or 0})
+
+    async def invite_codes_list(self, call: Call) -> Any:
+        async with self.read() as conn:
+            user = await self._user(conn, call.params["user"])
+            codes_ = await growth.list_invite_codes(conn, user.id)
+            invited = await growth.invites_of(conn, user.id)
+        return {"data": codes_, "invites": [_with_usd(r, "reward_nano") for r in invited], "next": None}
+
     # --- audit ------------------------------------------------------------------------
 
     async def audit_list(self, call: Call) -> Any:
@@ -911,6 +1156,25 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/admin/v1/codes", "codes_list"),
     ("POST", "/admin/v1/codes", "codes_create"),
     ("GET", "/admin/v1/codes/{prefix}", "codes_show"),
+    ("GET", "/admin/v1/plans", "plans_list"),
+    ("POST", "/admin/v1/plans", "plans_create"),
+    ("GET", "/admin/v1/plans/{plan}", "plans_show"),
+    ("PATCH", "/admin/v1/plans/{plan}", "plans_edit"),
+    ("DELETE", "/admin/v1/plans/{plan}", "plans_delete"),
+    ("GET", "/admin/v1/plans/{plan}/codes", "plan_codes_list"),
+    ("POST", "/admin/v1/plans/{plan}/codes", "plan_codes_create"),
+    ("POST", "/admin/v1/plan-codes/redeem", "plan_codes_redeem"),
+    ("GET", "/admin/v1/subscriptions", "subscriptions_list"),
+    ("POST", "/admin/v1/subscriptions", "subscriptions_create"),
+    ("GET", "/admin/v1/subscriptions/{subscription}", "subscriptions_show"),
+    ("PATCH", "/admin/v1/subscriptions/{subscription}", "subscriptions_edit"),
+    ("POST", "/admin/v1/subscriptions/{subscription}/renew", "subscriptions_renew"),
+    ("POST", "/admin/v1/subscriptions/{subscription}/cancel", "subscriptions_cancel"),
+    ("GET", "/admin/v1/subscriptions/{subscription}/keys", "subscription_keys_list"),
+    ("POST", "/admin/v1/subscriptions/{subscription}/keys", "subscription_keys_create"),
+    ("POST", "/admin/v1/signup", "signup"),
+    ("GET", "/admin/v1/users/{user}/invite-codes", "invite_codes_list"),
+    ("POST", "/admin/v1/users/{user}/invite-codes", "invite_codes_create"),
     ("GET", "/admin/v1/audit", "audit_list"),
     ("GET", "/admin/v1/usage/series", "usage_series"),
     ("GET", "/admin/v1/usage/models", "usage_models"),

@@ -32,7 +32,7 @@ from accounting.db import EmbeddedPostgresError, resolve_dsn
 from accounting.money import format_usd, parse_usd
 from relay.config import Config, ConfigError, load
 
-COMMAND_MODULES = ["relay.cli_accounting", "relay.cli_limits", "relay.cli_admin"]
+COMMAND_MODULES = ["relay.cli_accounting", "relay.cli_limits", "relay.cli_admin", "relay.cli_plans"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2

@@ -98,6 +98,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GrowthConfig:
+    signup_credit: str = "0"  # USD credited to a user created through sign-up
+    invite_credit: str = "0"  # USD credited to a user who signs up with an invite code
+    invite_share: str = "0"  # fraction of the invitee's first top-up paid to the inviter
+
+
+@dataclass(frozen=True, slots=True)
 class DemoConfig:
     mock_upstream: bool = False  # start bench/mock_upstream beside the gateway
     mock_port: int = 8090
@@ -151,6 +158,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
     channels: tuple[ChannelConfig, ...] = ()
     prices: tuple[tuple[str, Price], ...] = ()  # model (or "default") -> price
     groups: tuple[GroupConfig, ...] = ()
@@ -245,10 +253,22 @@ def _check_decimal(path: str, value: str) -> None:
         raise ConfigError(f"{path}: expected a non-negative decimal, got {value!r}")
 
 
+def _growth(g: GrowthConfig) -> GrowthConfig:
+    _check_decimal("growth.signup_credit", g.signup_credit)
+    _check_decimal("growth.invite_credit", g.invite_credit)
+    from accounting.growth import Terms
+
+    try:
+        Terms.of(g)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(str(exc))
+    return g
+
+
 def parse(data: dict[str, Any], path: str = "") -> Config:
     top = {
         "server", "database", "upstream", "ledger", "limits", "metrics", "admin", "demo",
-        "channels", "prices", "groups", "fallbacks",
+        "growth", "channels", "prices", "groups", "fallbacks",
     }
     unknown = sorted(set(data) - top)
     if unknown:
@@ -296,6 +316,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         metrics=_section(MetricsConfig, "metrics", data.get("metrics", {})),
         admin=_section(AdminConfig, "admin", data.get("admin", {})),
         demo=_section(DemoConfig, "demo", data.get("demo", {})),
+        growth=_growth(_section(GrowthConfig, "growth", data.get("growth", {}))),
         channels=tuple(channels),
         prices=tuple(prices),
         groups=tuple(groups),
