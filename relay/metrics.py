@@ -58,7 +58,10 @@ class Metrics:
         self.models: set[str] = set()
         self.snapshot_dir = snapshot_dir
         self.token = token.encode()
-        self.gauges: list[Callable[[], Iterator[Metric]]] = []
+        # Worker state read at snapshot time (ledger, limits, channels): a callable
+        # returning {family: (kind, doc, label_name | "", merge, {label_value: number})},
+        # kind "counter" | "gauge", merge "sum" | "min". Merged across workers like the rest.
+        self.state: Callable[[], dict[str, tuple[str, str, str, str, dict[str, float]]]] | None = None
 
     def known_models(self, names: list[str]) -> None:
         """Only models the operator configured become label values."""
@@ -95,6 +98,7 @@ class Metrics:
             "ttfb": {k: [h.counts, h.sum] for k, h in self.ttfb.items()},
             "tokens": [[*k, v] for k, v in self.tokens.items()],
             "spend": self.spend,
+            "state": self.state() if self.state is not None else {},
         }
 
     def write_snapshot(self) -> None:
@@ -127,6 +131,19 @@ class Metrics:
                     snaps.append(orjson.loads(p.read_bytes()))
                 except (OSError, orjson.JSONDecodeError):
                     continue
+        state: dict[str, tuple[str, str, str, str, dict[str, float]]] = {}
+        for snap in snaps:
+            for fam, (kind, doc, label, merge, values) in snap.get("state", {}).items():
+                cur = state.get(fam)
+                if cur is None:
+                    state[fam] = (kind, doc, label, merge, dict(values))
+                    continue
+                acc = cur[4]
+                for k, v in values.items():
+                    if k not in acc:
+                        acc[k] = v
+                    else:
+                        acc[k] = min(acc[k], v) if merge == "min" else acc[k] + v
         req: dict[tuple[str, ...], int] = {}
         tok: dict[tuple[str, ...], int] = {}
         spend: dict[str, int] = {}
@@ -141,10 +158,11 @@ class Metrics:
                 spend[k] = spend.get(k, 0) + v
             for src, dst in ((s["latency"], lat), (s["ttfb"], ttfb)):
                 for k, (counts, total) in src.items():
-                    cur = dst.setdefault(k, [[0] * len(counts), 0.0])
-                    cur[0] = [a + b for a, b in zip(cur[0], counts, strict=True)]
-                    cur[1] += total
-        return {"requests": req, "tokens": tok, "spend": spend, "latency": lat, "ttfb": ttfb}
+                    hist = dst.setdefault(k, [[0] * len(counts), 0.0])
+                    hist[0] = [a + b for a, b in zip(hist[0], counts, strict=True)]
+                    hist[1] += total
+        return {"requests": req, "tokens": tok, "spend": spend, "latency": lat, "ttfb": ttfb,
+                "state": state}
 
     def collect(self) -> Iterator[Metric]:
         m = self._merged()
@@ -176,8 +194,13 @@ class Metrics:
         for k, v in sorted(m["spend"].items()):
             s.add_metric([k], v / 1e9)
         yield s
-        for fn in self.gauges:
-            yield from fn()
+        for fam, (kind, doc, label, _merge, values) in sorted(m["state"].items()):
+            labels = [label] if label else []
+            fam_obj: Metric = (CounterMetricFamily(fam, doc, labels=labels) if kind == "counter"
+                               else GaugeMetricFamily(fam, doc, labels=labels))
+            for k, v in sorted(values.items()):
+                fam_obj.add_metric([k] if label else [], v)  # type: ignore[attr-defined]
+            yield fam_obj
 
     def render(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
@@ -194,7 +217,3 @@ class Metrics:
                 return
         conn.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
                   self.render())
-
-
-def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, labels=labels)

@@ -28,7 +28,7 @@ from relay import errors as E
 from relay.app import Gateway
 from relay.config import ChannelConfig, Config
 from relay.httpserver import ServerState, drain, make_factory
-from relay.metrics import Metrics, gauge
+from relay.metrics import Metrics
 from relay.routing import Router
 
 log = logging.getLogger("tollway.worker")
@@ -96,7 +96,7 @@ class Worker:
         if metrics is not None:
             names = [m for m, _ in gw.router.listed_models()] + pricebook.models()
             metrics.known_models(names)
-            metrics.gauges.append(self._gauges)
+            metrics.state = self._state_metrics
         self.state = ServerState(
             gw.handle,
             max_body=cfg.server.max_body_bytes,
@@ -247,23 +247,28 @@ class Worker:
                 c.breaker = prev.breaker
         gw.router = router
 
-    def _gauges(self) -> Any:
+    def _state_metrics(self) -> dict[str, tuple[str, str, str, str, dict[str, float]]]:
+        """This worker's ledger, limits and channel state, merged across workers at scrape."""
         gw = self.gw
         assert gw is not None
-        g = gauge("tollway_in_flight_requests", "Model requests in flight in this scrape's workers")
-        g.add_metric([], gw.in_flight)
-        yield g
+        out: dict[str, tuple[str, str, str, str, dict[str, float]]] = {
+            "tollway_in_flight_requests": ("gauge", "Model requests in flight", "", "sum",
+                                           {"": gw.in_flight}),
+            "tollway_channel_up": ("gauge", "1 when every worker's breaker for the channel is closed",
+                                   "channel", "min",
+                                   {c.name: 1 if c.breaker.state == 0 else 0 for c in gw.router.channels}),
+        }
         if self.flusher is not None:
             for name, value in self.flusher.stats().items():
-                m = gauge(f"tollway_ledger_{name}", f"Ledger flusher: {name.replace('_', ' ')}")
-                m.add_metric([], value)
-                yield m
+                if name.endswith("_total"):
+                    out[f"tollway_ledger_{name[:-6]}"] = (
+                        "counter", f"Ledger: {name[:-6].replace('_', ' ')}", "", "sum", {"": value})
+                else:
+                    out[f"tollway_ledger_{name}"] = (
+                        "gauge", f"Ledger: {name.replace('_', ' ')}", "", "sum", {"": value})
         if gw.limiter is not None:
-            d = gauge("tollway_limit_denials", "Admission denials by reason (this worker)", ["reason"])
-            for reason, n in sorted(gw.limiter.denials.items()):
-                d.add_metric([reason], n)
-            yield d
-        ch = gauge("tollway_channel_up", "1 when the channel's breaker is closed", ["channel"])
-        for c in gw.router.channels:
-            ch.add_metric([c.name], 1 if c.breaker.state == 0 else 0)
-        yield ch
+            out["tollway_limit_denials"] = ("counter", "Admission denials by reason", "reason", "sum",
+                                            dict(gw.limiter.denials))
+            out["tollway_limit_leases_in_flight"] = ("gauge", "Admission leases not yet released",
+                                                     "", "sum", {"": gw.limiter.inflight})
+        return out

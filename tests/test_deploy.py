@@ -1,4 +1,4 @@
-"""deploy/ and docs/operations.md against the code they describe.
+"""deploy/ and deploy/OPERATIONS.md against the code they describe.
 
 Parses the compose stack, the Prometheus scrape config and alert rules, the Grafana
 dashboard, the systemd unit and the Containerfile, and checks that they agree with
@@ -177,7 +177,7 @@ def test_dashboard_is_importable() -> None:
                    "tollway_time_to_first_byte_seconds_bucket", "tollway_tokens_total",
                    "tollway_spend_usd_total", "tollway_in_flight_requests",
                    "tollway_ledger_pending_rows", "tollway_ledger_journal_bytes",
-                   "tollway_limit_denials", "tollway_channel_up"):
+                   "tollway_limit_denials_total", "tollway_channel_up"):
         assert family in text, family
 
 
@@ -208,7 +208,7 @@ async def test_every_referenced_metric_is_exposed(pg_dsn: str) -> None:
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             exposed.setdefault(sample.name, set()).update(sample.labels)
-    assert "tollway_limit_denials" in exposed and "tollway_spend_usd_total" in exposed
+    assert "tollway_limit_denials_total" in exposed and "tollway_spend_usd_total" in exposed
 
     for expr in all_exprs():
         for name, braces in SELECTOR.findall(expr):
@@ -289,7 +289,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(C.Config)}
 
 
 def test_docs_name_only_real_settings() -> None:
-    text = (ROOT / "docs" / "operations.md").read_text()
+    text = (ROOT / "deploy" / "OPERATIONS.md").read_text()
     classes = {
         "server": C.ServerConfig, "database": C.DatabaseConfig, "upstream": C.UpstreamConfig,
         "ledger": C.LedgerConfig, "limits": C.LimitsConfig, "metrics": C.MetricsConfig,
@@ -299,7 +299,7 @@ def test_docs_name_only_real_settings() -> None:
     assert len(named) >= 10
     for section, key in named:
         known = {f.name for f in dataclasses.fields(classes[section])}
-        assert key in known, f"docs/operations.md names {section}.{key}, which does not exist"
+        assert key in known, f"deploy/OPERATIONS.md names {section}.{key}, which does not exist"
 
 
 # --- promtool (when installed) ---------------------------------------------------------------
