@@ -76,7 +76,7 @@ async def test_life_cycle_periodic_reset_fallback_renewal_expiry(pg: asyncpg.Con
     p = await plans.create_plan(pg, uname(), 10 * USD, "month", price_nano=3 * USD,
                                 periodic_nano=1 * USD, reset="daily")
     uid = await store.create_user(pg, uname(), 5 * USD)
-    sub, key_id, secret = await plans.subscribe(pg, uid, p.id, T0, pay_from_balance=True)
+    sub, key_id, _ = await plans.subscribe(pg, uid, p.id, T0, pay_from_balance=True)
     assert await balance(pg, uid) == 2 * USD  # the price, debited and journaled
     key = await store.get_key(pg, key_id)
     assert key is not None and key.name == f"Subscription Access - {p.id}" and key.plan_id == sub.id
