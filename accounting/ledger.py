@@ -247,35 +247,46 @@ def _grouped(source: str, ts: str) -> str:
     FROM {source} GROUP BY 1, 2, 3, 4, 5, 6"""
 
 
-# Adds `g` into usage_hourly.
-_HOURLY_UPSERT = f"""
-    INSERT INTO usage_hourly (hour, user_id, key_id, group_name, model, requests, errors,
-        {", ".join(_TOKENS)}, cost_nano, latency_ms_sum, ttfb_ms_sum, last_at)
-    SELECT hour, user_id, key_id, group_name, model, sum(requests), sum(errors),
-        {", ".join(f"sum({t})" for t in _TOKENS)}, sum(cost_nano), sum(latency_ms_sum),
-        sum(ttfb_ms_sum), max(last_at)
-    FROM g GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
-    ON CONFLICT (hour, user_id, key_id, group_name, model) DO UPDATE SET
-        requests = usage_hourly.requests + EXCLUDED.requests,
-        errors = usage_hourly.errors + EXCLUDED.errors,
-        {", ".join(f"{t} = usage_hourly.{t} + EXCLUDED.{t}" for t in _TOKENS)},
-        cost_nano = usage_hourly.cost_nano + EXCLUDED.cost_nano,
-        latency_ms_sum = usage_hourly.latency_ms_sum + EXCLUDED.latency_ms_sum,
-        ttfb_ms_sum = usage_hourly.ttfb_ms_sum + EXCLUDED.ttfb_ms_sum,
-        last_at = greatest(usage_hourly.last_at, EXCLUDED.last_at)"""
+_MEASURES = ("requests", "errors", *_TOKENS, "cost_nano", "latency_ms_sum", "ttfb_ms_sum")
 
 
-def hourly_rollup_sql(source: str, ts: str = "ts") -> str:
-    """The flusher's aggregation of rows into usage_hourly, reading `source` (a table
-    or subquery of usage_log's shape). bench/usage_scale.py builds usage_hourly with it,
-    so the benchmark's aggregates are exactly the flusher's."""
-    return f"WITH g AS ({_grouped(source, ts)}) {_HOURLY_UPSERT}"
+def _upsert(table: str, keys: tuple[str, ...], exprs: tuple[str, ...]) -> str:
+    """Adds `g`, summed per `keys` (computed from g's columns by `exprs`), into `table`,
+    in key order so concurrent flushers lock rows in the same order."""
+    n = ", ".join(str(i) for i in range(1, len(keys) + 1))
+    return f"""
+    INSERT INTO {table} ({", ".join(keys)}, {", ".join(_MEASURES)}, last_at)
+    SELECT {", ".join(exprs)}, {", ".join(f"sum({m})" for m in _MEASURES)}, max(last_at)
+    FROM g GROUP BY {n} ORDER BY {n}
+    ON CONFLICT ({", ".join(keys)}) DO UPDATE SET
+        {", ".join(f"{m} = {table}.{m} + EXCLUDED.{m}" for m in _MEASURES)},
+        last_at = greatest({table}.last_at, EXCLUDED.last_at)"""
+
+
+_ACCOUNT_KEYS = ("user_id", "key_id", "group_name", "model")
+# The three aggregates (007_scale.sql): per hour and account, per UTC day and account,
+# per hour, group and model.
+_ROLLUPS = (
+    ("hourly", _upsert("usage_hourly", ("hour", *_ACCOUNT_KEYS), ("hour", *_ACCOUNT_KEYS))),
+    ("daily", _upsert("usage_daily", ("day", *_ACCOUNT_KEYS),
+                      ("date_trunc('day', hour, 'UTC')", *_ACCOUNT_KEYS))),
+    ("models", _upsert("usage_hourly_models", ("hour", "group_name", "model"),
+                       ("hour", "group_name", "model"))),
+)
+_ROLLUP_CTES = "".join(f", {name} AS ({sql}\n)" for name, sql in _ROLLUPS)
+
+
+def rollup_sql(source: str, ts: str = "ts") -> str:
+    """The flusher's aggregation of rows into usage_hourly, usage_daily and
+    usage_hourly_models, reading `source` (a table or subquery of usage_log's shape).
+    bench/usage_scale.py builds the aggregates with it, so the benchmark's are exactly
+    the flusher's."""
+    return f"WITH g AS ({_grouped(source, ts)}){_ROLLUP_CTES} SELECT count(*) FROM g"
 
 
 _AGGREGATE = f"""
 WITH g AS ({_grouped(_STAGE, "to_timestamp(ts)")}
-), hourly AS ({_HOURLY_UPSERT}
-)
+){_ROLLUP_CTES}
 SELECT 0 AS kind, user_id AS id, sum(cost_nano)::bigint AS delta
     FROM g WHERE plan_id = 0 GROUP BY user_id
 UNION ALL

@@ -1,9 +1,11 @@
 """Usage reports: one request's row and bill, spend over time, per-model totals, and the
 request log, for the CLI and the admin API.
 
-Totals come from `usage_hourly` (kept by the flusher) so they stay fast on tens of
-millions of rows; only single-row lookups and the paged request log touch `usage_log`,
-always through an index. Read-only: this module never writes.
+Totals come from the aggregates the flusher keeps, so they stay fast on tens of
+millions of rows (bench/usage_scale.py): `usage_hourly` when narrowed to a user or key
+(through its user / key index), else `usage_hourly_models` (per hour, group and
+model). Only single-row lookups and the paged request log touch `usage_log`, always
+through an index. Read-only: this module never writes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ _SUMS = (
     " (sum(ttfb_ms_sum) / nullif(sum(requests), 0))::bigint AS avg_ttfb_ms"
 )
 BUCKETS = ("hour", "day")
+
+
+def _totals(user_id: int | None, key_id: int | None) -> str:
+    """The aggregate table for a view narrowed (or not) to a user or key."""
+    return "usage_hourly" if user_id is not None or key_id is not None else "usage_hourly_models"
 
 
 def _row_dict(r: asyncpg.Record) -> dict[str, Any]:
@@ -143,7 +150,7 @@ async def spend_series(
                            group_name=group)
     rows = await conn.fetch(
         f"SELECT date_trunc('{bucket}', hour, 'UTC') AS bucket, {_SUMS}"
-        f" FROM usage_hourly{where} GROUP BY 1 ORDER BY 1", *args)
+        f" FROM {_totals(user_id, key_id)}{where} GROUP BY 1 ORDER BY 1", *args)
     return [dict(r) for r in rows]
 
 
@@ -158,13 +165,22 @@ async def per_model(
     """Totals per model in [start, end), dearest first."""
     where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id, group_name=group)
     rows = await conn.fetch(
-        f"SELECT model, {_SUMS} FROM usage_hourly{where} GROUP BY model"
+        f"SELECT model, {_SUMS} FROM {_totals(user_id, key_id)}{where} GROUP BY model"
         " ORDER BY cost_nano DESC, model", *args)
     return [dict(r) for r in rows]
 
 
 def _cursor(r: dict[str, Any]) -> str:
     return f"{r['ts'].isoformat()}|{r['request_id']}"
+
+
+# A user's request log walks each of their keys on usage_log (key_id, ts) (007 dropped
+# the (user_id, ts) index) and merges the newest rows: one short index walk per key. Past
+# this many keys, walking the ts index newest first and filtering by user costs less.
+_USER_KEYS_WALK_MAX = 64
+# Errors have their own partial index (007); a filter on one error status repeats its
+# predicate, which a parameterised status alone would not let the planner prove.
+_ERROR_PRED = "(status >= 400 OR error_code <> '')"
 
 
 async def request_log(
@@ -189,8 +205,8 @@ async def request_log(
     where, args = _filters(start, end, "ts", user_id=user_id, key_id=key_id, model=model,
                            group_name=group, status=status)
     clauses = [where[len(" WHERE "):]] if where else []
-    if errors_only:
-        clauses.append("(status >= 400 OR error_code <> '')")
+    if errors_only or (status is not None and status >= 400):
+        clauses.append(_ERROR_PRED)
     if before_cursor:
         ts_text, sep, rid = before_cursor.partition("|")
         try:
@@ -201,11 +217,27 @@ async def request_log(
             raise ValueError(f"before_cursor: not a cursor returned by request_log: {before_cursor!r}")
         args += [ts, rid]
         clauses.append(f"(ts, request_id) < (${len(args) - 1}, ${len(args)})")
-    sql = f"SELECT {_LOG_COLS} FROM usage_log"
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
+    order = "ORDER BY ts DESC, request_id DESC"
+    key_ids: list[int] = []
+    if user_id is not None and key_id is None:
+        key_ids = [r[0] for r in await conn.fetch(
+            "SELECT id FROM keys WHERE user_id = $1 ORDER BY id LIMIT $2",
+            user_id, _USER_KEYS_WALK_MAX + 1)]
+        if not key_ids:
+            return [], None
     args.append(limit + 1)
-    sql += f" ORDER BY ts DESC, request_id DESC LIMIT ${len(args)}"
+    lim = f"LIMIT ${len(args)}"
+    if 0 < len(key_ids) <= _USER_KEYS_WALK_MAX:
+        args.append(key_ids)
+        clauses.append("key_id = k.id")
+        sql = (f"SELECT l.* FROM unnest(${len(args)}::bigint[]) AS k(id) CROSS JOIN LATERAL"
+               f" (SELECT {_LOG_COLS} FROM usage_log WHERE {' AND '.join(clauses)} {order} {lim}) l"
+               f" {order} {lim}")
+    else:
+        sql = f"SELECT {_LOG_COLS} FROM usage_log"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += f" {order} {lim}"
     rows = [_row_dict(r) for r in await conn.fetch(sql, *args)]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -224,7 +256,7 @@ async def daily_model_costs(
     where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id)
     rows = await conn.fetch(
         "SELECT date_trunc('day', hour, 'UTC') AS day, model, sum(requests)::bigint AS requests,"
-        f" sum(cost_nano)::bigint AS cost_nano FROM usage_hourly{where}"
+        f" sum(cost_nano)::bigint AS cost_nano FROM {_totals(user_id, key_id)}{where}"
         " GROUP BY 1, 2 ORDER BY 1, 2", *args)
     return [dict(r) for r in rows]
 
