@@ -439,3 +439,30 @@ def test_cli_plans_and_subscriptions(tmp_path: Path, pg_dsn: str, capsys: pytest
     asyncio.run(backdate())
     renewed = run("subscriptions", "renew", str(sub["id"]))
     assert renewed["renewals"] == 1 and renewed["credit_nano"] == 6 * USD
+
+
+async def test_shared_mode_leases_plan_credit_from_redis(pg: asyncpg.Connection) -> None:
+    p = await plans.create_plan(pg, uname(), 1 * USD, "week")
+    uid = await store.create_user(pg, uname())
+    sub, _, _ = await plans.subscribe(pg, uid, p.id, datetime.now(UTC))
+
+    async def load(user_id: int, key_id: int) -> tuple[int, int]:
+        return 0, 0
+
+    lim = Limiter(LimitsConfig(redis_url="redis://127.0.0.1:6379/0"), loader=load,
+                  plan_loader=plans.loader(pg, time.time), redis_prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await lim.start()
+    try:
+        k = KeyState(**{**{f: getattr(plan_key(5, sub=sub.id), f) for f in KeyState.__slots__},  # type: ignore[arg-type]
+                        "user_id": uid})
+        got: Lease | Denial | None = None
+        for _ in range(5):
+            got = lim.admit(k, "m", 10, 100_000_000, "ip", True, time.time())
+            if got is not None:
+                break
+            await lim.refill(k)
+        assert isinstance(got, Lease) and got.plan_id == sub.id
+        assert lim.plans[sub.id].held >= 100_000_000  # leased from the plan's Redis scope
+        got.release(100_000_000, 10)
+    finally:
+        await lim.close()
