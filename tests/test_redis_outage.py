@@ -138,9 +138,6 @@ async def test_redis_outage_under_load_is_safe_and_recovers(pg_dsn: str, fault: 
         statuses = Counter(r["status"] for r in load.results)
         assert set(statuses) <= {200, 402, 429}, statuses
         assert statuses[402] > 0, "the capped key never reached its cap: the test proves nothing about it"
-        # An exhausted key stays closed through the outage: safe mode spends leased money only.
-        first_402 = min(r["t"] for r in load.results if r["status"] == 402)
-        assert not [r for r in load.results if r["secret"] == capped and r["status"] == 200 and r["t"] > first_402]
         for r in load.results:
             assert r["s"] < CLIENT_TIMEOUT_S
             if r["status"] != 200:
