@@ -571,7 +571,8 @@ class Gateway:
             channels_tried=",".join(tried),
             client_request_id=_client_rid(req),
             client_ip=req.client_ip if self._log_ip else "",
-            plan_id=key.plan_id,
+            # The lease knows whether the plan or the balance paid (plan first, then balance).
+            plan_id=lease.plan_id if lease is not None else key.plan_id,
             multiplier=_fraction_str(multiplier),
         ))
 

@@ -16,10 +16,12 @@ import importlib.util
 import logging
 import os
 import socket
+import time
+from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
 
-from accounting import pricing, store, tokens
+from accounting import plans, pricing, store, tokens
 from accounting.db import create_pool
 from accounting.ledger import open_ledger
 from accounting.money import parse_multiplier
@@ -70,7 +72,8 @@ class Worker:
         pricebook = pricing.PriceBook()
         limiter = None
         if self.with_limits:
-            limiter = Limiter(cfg.limits, workers=cfg.server.workers, loader=self._load_budget)
+            limiter = Limiter(cfg.limits, workers=cfg.server.workers, loader=self._load_budget,
+                              plan_loader=plans.loader(db, time.time))
             await limiter.start()
         ledger = None
         if self.with_ledger:
@@ -79,6 +82,7 @@ class Worker:
             # worker must find its predecessor's segments dead (unlocked) and replay them.
             ledger, self.flusher = open_ledger(cfg.ledger, journal_dir, self.dsn,
                                                on_flushed=self._on_flushed)
+            self.flusher.on_plans_flushed = self._on_plans_flushed
             self.flusher.start()
         metrics = None
         if cfg.metrics.enabled:
@@ -153,6 +157,11 @@ class Worker:
         if self.gw is not None and self.gw.limiter is not None:
             self.gw.limiter.on_flushed(user_deltas, key_deltas)
 
+    def _on_plans_flushed(self, deltas: dict[int, int]) -> None:
+        # Runs just before _on_flushed, which bumps the flush epoch for both.
+        if self.gw is not None and self.gw.limiter is not None:
+            self.gw.limiter.on_plan_flushed(deltas)
+
     async def _load_budget(self, user_id: int, key_id: int) -> tuple[int, int]:
         row = await self.db.fetchrow(
             "SELECT u.balance_nano, k.spent_nano FROM keys k JOIN users u ON u.id = k.user_id"
@@ -212,6 +221,7 @@ class Worker:
             keys = await conn.fetch(
                 "SELECT id, spent_nano FROM keys WHERE id = ANY($1::bigint[])",
                 list(limiter.keys))
+            budgets = await plans.budgets(conn, list(limiter.plans), datetime.now(UTC))
         if epoch != self._flush_epoch:
             return  # a flush committed meanwhile: this snapshot may predate it; next round
         for r in users:
@@ -219,6 +229,8 @@ class Worker:
             self._user_version = max(self._user_version, r["version"])
         for r in keys:
             limiter.apply_key_snapshot(r["id"], r["spent_nano"])
+        for sub_id, remaining in budgets.items():
+            limiter.apply_plan_snapshot(sub_id, remaining)
 
     def _reload_channels(self, rows: list[Any]) -> None:
         """Channels live in Postgres (config ones synced at start, admin ones added at run
