@@ -208,10 +208,12 @@ async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket) -> Non
                     ",".join(sorted(off)), " and ".join(sorted(off)))
     worker = Worker(cfg, dsn, index, with_limits="limits" not in off,
                     with_ledger="ledger" not in off)
-    await worker.start(sock)
+    # Handlers first: the listening socket already accepts (the kernel queues
+    # connections), so a SIGTERM during start-up must still mean "drain", not death.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await worker.start(sock)
     await stop.wait()
     await worker.stop()
