@@ -5,7 +5,9 @@ Run: .venv/bin/python -m bench.micro_limits            # admit+release in memory
 
 `--traffic` drives what relay does per request, without the gateway: two Limiters (two
 workers) on one event loop, each request `admit` (on None: `await refill(key)` and admit
-again, at most 3 times, then a 429 like relay's), hold the lease 0.1 ms, `release`. It
+again, at most 3 times, then a 429 like relay's), optionally burn `--work-us` of CPU (the
+gateway's own work per request), sleep 0.1 ms (uvloop's timers have 1 ms resolution: in
+effect one loop iteration), `release`. It
 runs c=1 (one sequential loop) and c=64 (64 tasks, alternating workers) against limits off
 (no limiter), in-process limiters, and two limiters sharing the real Redis at
 127.0.0.1:6379 (a fresh key prefix, deleted afterwards). It reports throughput, CPU per
@@ -93,7 +95,7 @@ def _pct(xs: list[int], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))] / 1e6
 
 
-async def _request(lim: Limiter | None, key: KeyState, st: Stats, hold: float) -> None:
+async def _request(lim: Limiter | None, key: KeyState, st: Stats, hold: float, work_ns: int) -> None:
     pc = time.perf_counter_ns
     t0 = pc()
     lease = None
@@ -113,6 +115,10 @@ async def _request(lim: Limiter | None, key: KeyState, st: Stats, hold: float) -
         if lease is None:
             st.denied += 1
     st.admit_ns.append(pc() - t0)
+    if work_ns:  # the gateway's own CPU per request (parse, route, proxy)
+        end = pc() + work_ns
+        while pc() < end:
+            pass
     await asyncio.sleep(hold)
     if lease is not None:
         lease.release(COST, TOKENS)
@@ -120,7 +126,7 @@ async def _request(lim: Limiter | None, key: KeyState, st: Stats, hold: float) -
 
 
 async def traffic(mode: str, conc: int, seconds: float, hold: float = 0.0001,
-                  **cfg: Any) -> dict[str, Any]:
+                  work_us: float = 0.0, **cfg: Any) -> dict[str, Any]:
     """One run: mode "off" | "local" | "redis"; `conc` concurrent request loops."""
     prefix = f"tollway-bench-{secrets.token_hex(4)}:"
     key = KeyState(
@@ -147,7 +153,7 @@ async def traffic(mode: str, conc: int, seconds: float, hold: float = 0.0001,
     async def loop(i: int) -> None:
         lim = lims[i % len(lims)]
         while not stop:
-            await _request(lim, key, st, hold)
+            await _request(lim, key, st, hold, int(work_us * 1000))
 
     async def phase(dur: float) -> tuple[Stats, float, float, int]:
         nonlocal st, stop
@@ -193,11 +199,11 @@ def _row(r: dict[str, Any]) -> str:
     )
 
 
-async def traffic_main(seconds: float, modes: list[str], concs: list[int]) -> None:
+async def traffic_main(seconds: float, modes: list[str], concs: list[int], work_us: float) -> None:
     RoundTrips.install()
     for c in concs:
         for mode in modes:
-            print(_row(await traffic(mode, c, seconds)), flush=True)
+            print(_row(await traffic(mode, c, seconds, work_us=work_us)), flush=True)
 
 
 def main() -> None:
@@ -206,6 +212,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--modes", default="off,local,redis")
     ap.add_argument("--conc", default="1,64")
+    ap.add_argument("--work-us", type=float, default=0.0,
+                    help="busy CPU per request besides admission (the gateway's own: ~130)")
     a = ap.parse_args()
     if a.traffic:
         try:
@@ -214,7 +222,8 @@ def main() -> None:
             runner = asyncio.run
         else:
             runner = uvloop.run
-        runner(traffic_main(a.seconds, a.modes.split(","), [int(c) for c in a.conc.split(",")]))
+        concs = [int(c) for c in a.conc.split(",")]
+        runner(traffic_main(a.seconds, a.modes.split(","), concs, a.work_us))
         return
     cases = {
         "concurrency + quota (defaults)": {},

@@ -177,6 +177,7 @@ class Scope:
     """Counters of one key or one user. Mutated only on the event loop, never awaited over."""
 
     __slots__ = (
+        "blk",
         "conc_empty_until",
         "conc_held",
         "db",
@@ -187,6 +188,7 @@ class Scope:
         "inflight",
         "ips",
         "kind",
+        "ks",
         "last_reserve",
         "lc",
         "limit",
@@ -194,8 +196,10 @@ class Scope:
         "lt",
         "money",
         "money_empty_until",
+        "nextfill",
         "owner",
         "quota_v",
+        "refill_at",
         "reserved",
         "rleft",
         "rpm_empty_until",
@@ -237,6 +241,10 @@ class Scope:
         self.conc_empty_until = 0.0
         self.rpm_empty_until = 0.0
         self.money_empty_until = 0.0
+        self.blk = 1  # lease block multiplier: doubles while the scope refills often
+        self.refill_at = 0.0  # when the scope was last topped up
+        self.nextfill = 0.0  # no prefetch before this (Redis had less than asked)
+        self.ks: KeyState | None = None  # key state its shared limits were taken from
 
 
 class Lease:
@@ -302,7 +310,9 @@ class Limiter:
     def __init__(
         self,
         cfg: LimitsConfig,
-        clock: Callable[[], float] = time.monotonic,
+        # The clock of `admit`'s `now`: relay passes time.time(), and the background
+        # leasing compares its own readings with the `now` admissions stored.
+        clock: Callable[[], float] = time.time,
         *,
         workers: int = 1,
         loader: Loader | None = None,
@@ -714,7 +724,7 @@ class Limiter:
                     level = s.tt + (now - s.tts) * cap / 60
                     s.tt = (cap if level > cap else level) - tokens
                     s.tts = now
-                if shared:
+                if shared and s.lt:
                     s.debt += tokens
         if self.shared is not None:
             self.shared.after_release(k, u)
