@@ -31,6 +31,7 @@ from relay.config import Config
 from relay.errors import ANTHROPIC, OPENAI, GatewayError
 from relay.httpserver import HttpConnection, Request
 from relay.proxy import (
+    _CLIENT_GONE,
     JSON_CT,
     NONSTREAM,
     TAP,
@@ -41,7 +42,7 @@ from relay.proxy import (
     max_output_tokens,
     upstream_headers,
 )
-from relay.routing import Channel, Router
+from relay.routing import Breaker, Channel, Router
 from relay.sse import SSEFramer
 from relay.sse import fields as sse_fields
 from relay.translated import TranslatingExchange, build_body, count_tokens_locally, plan_for
@@ -101,7 +102,7 @@ class Gateway:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.pool = UpstreamPool(cfg.upstream.connect_timeout_s, cfg.upstream.pool_size)
-        self.router = Router(cfg.channels)
+        self.router = Router(cfg.channels, breaker=breaker_factory(cfg))
         self.keys = KeyCache()
         self.groups = Groups()
         self.limiter = limiter
@@ -324,9 +325,14 @@ class Gateway:
                 raise E.InvalidRequest("Invalid model name: at most 256 printable characters")
             model = m
             stream = body.get("stream") is True and route.streamable
-            channels = self.router.candidates(model)
+            channels = self.router.candidates(model, last_resort=False)
             if not channels:
-                raise E.ModelNotFound(f"The model '{model}' does not exist")
+                if not self.router.known_model(model):
+                    raise E.ModelNotFound(f"The model '{model}' does not exist")
+                if not any(self.router.candidates(fb, last_resort=False)
+                           for fb in self._fallbacks.get(model, ())):
+                    raise E.NoChannel(f"Every channel serving '{model}' is unhealthy or at capacity; retry shortly",
+                                      retry_after=1)
             allowed = self.model_allowed(key, model)
             if self.pricebook is not None and route.name != "count_tokens":
                 try:
@@ -353,12 +359,12 @@ class Gateway:
             deadline = t0 + self.cfg.upstream.retry_deadline_s
             answered = model  # the model whose channel answers (a fallback may)
             failed: set[str] = set()
-            for cand_model, channel in self._attempt_plan(model, channels):
-                if attempts >= max_attempts or channel.name in failed:
+            for cand_model, ch in self._attempt_plan(model, channels):
+                if attempts >= max_attempts or ch.name in failed:
                     continue
                 plan = None
-                if channel.protocol_id != protocol or (route.name == "responses" and channel.chat_only):
-                    plan = plan_for(route.name, channel.protocol, channel.chat_only)
+                if ch.protocol_id != protocol or (route.name == "responses" and ch.chat_only):
+                    plan = plan_for(route.name, ch.protocol, ch.chat_only)
                     if plan is None:
                         if route.name == "count_tokens":
                             conn.send(200, [JSON_CT, (b"x-request-id", rid_out)],
@@ -371,6 +377,7 @@ class Gateway:
                     # Jittered exponential backoff between attempts on different channels.
                     await asyncio.sleep(min(0.05 * (2 ** (attempts - 1)), 1.0) * random.random())
                 attempts += 1
+                channel = ch
                 tried.append(channel.name)
                 upstream_model = channel.upstream_model(cand_model)
                 headers_out: list[tuple[bytes, bytes]] = [(b"x-request-id", rid_out)]
@@ -381,7 +388,7 @@ class Gateway:
                     if lh:
                         headers_out.extend(self.anthropic_headers(lh) if protocol == ANTHROPIC else lh)
                 if plan is None:
-                    payload = self._upstream_body(req.body, body, cand_model, upstream_model, mode)
+                    payload = self._upstream_body(req.body, body, model, upstream_model, mode)
                     ex = Exchange(self, conn, route, mode, headers_out)
                     path = route.upstream_path + _query(req)
                 else:
@@ -421,6 +428,7 @@ class Gateway:
             if not conn.response_started and not conn.closed:
                 self._reply_error(conn, exc, protocol, rid_out)
         except asyncio.CancelledError:
+            error = _CLIENT_GONE
             if ex is not None:
                 ex.client_gone()
             raise
@@ -434,7 +442,7 @@ class Gateway:
         for c in channels:
             yield model, c
         for fb in self._fallbacks.get(model, ()):
-            for c in self.router.candidates(fb):
+            for c in self.router.candidates(fb, last_resort=False):
                 yield fb, c
 
     async def _send(self, ex: Exchange, channel: Channel, raw: bytes, fb: float, idle: float,
@@ -616,6 +624,16 @@ class Gateway:
                              output=max(tap_usage.output, tokens.count_text(text))), "estimated"
         est_in = tokens.estimate_input_tokens(route.protocol_name, body or {})
         return Usage(input=est_in, output=tokens.count_text(text)), "estimated"
+
+
+def breaker_factory(cfg: Config) -> Callable[[], Breaker]:
+    up = cfg.upstream
+
+    def make() -> Breaker:
+        return Breaker(window_s=up.breaker_window_s, min_requests=up.breaker_min_requests,
+                       threshold=up.breaker_error_rate, cooldown=up.breaker_cooldown_s)
+
+    return make
 
 
 def _fraction_str(f: Fraction) -> str:

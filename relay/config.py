@@ -54,6 +54,12 @@ class UpstreamConfig:
     retry_deadline_s: float = 30.0
     pool_size: int = 256  # keep-alive connections per upstream host
     reasoning_models: tuple[str, ...] = ("o1*", "o3*", "o4*", "gpt-5*", "*thinking*", "*reasoner*")
+    breaker_window_s: float = 60.0  # error rate is measured over this sliding window
+    breaker_min_requests: int = 5  # no verdict on fewer attempts than this
+    breaker_error_rate: float = 0.5  # open at or above this share of failed attempts
+    breaker_cooldown_s: float = 10.0  # then one half-open probe
+    health_check_interval_s: float = 0.0  # active probes of open channels; 0: off
+    health_check_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

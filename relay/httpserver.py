@@ -223,8 +223,9 @@ class HttpConnection(asyncio.Protocol):
             self.on_resume()
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes after sending its request still gets its response.
-        return True
+        # A client's FIN means it is gone (HTTP/1.1 clients do not half-close and wait):
+        # let the transport close, so connection_lost cancels the upstream at once.
+        return None
 
     # --- httptools callbacks -------------------------------------------------------
 

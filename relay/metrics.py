@@ -60,7 +60,7 @@ class Metrics:
         self.token = token.encode()
         # Worker state read at snapshot time (ledger, limits, channels): a callable
         # returning {family: (kind, doc, label_name | "", merge, {label_value: number})},
-        # kind "counter" | "gauge", merge "sum" | "min". Merged across workers like the rest.
+        # kind "counter" | "gauge", merge "sum" | "min" | "max". Merged across workers like the rest.
         self.state: Callable[[], dict[str, tuple[str, str, str, str, dict[str, float]]]] | None = None
 
     def known_models(self, names: list[str]) -> None:
@@ -143,7 +143,8 @@ class Metrics:
                     if k not in acc:
                         acc[k] = v
                     else:
-                        acc[k] = min(acc[k], v) if merge == "min" else acc[k] + v
+                        acc[k] = (min(acc[k], v) if merge == "min" else
+                                  max(acc[k], v) if merge == "max" else acc[k] + v)
         req: dict[tuple[str, ...], int] = {}
         tok: dict[tuple[str, ...], int] = {}
         spend: dict[str, int] = {}

@@ -14,7 +14,7 @@ import fnmatch
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from relay.config import ChannelConfig
@@ -278,36 +278,27 @@ class Router:
         return out
 
 
-def channel_gauges(get_router: Callable[[], Router]) -> Callable[[], Iterator[Any]]:
-    """A `Metrics.gauges` callback exporting each channel's breaker and load.
-
-    Takes a getter because the worker replaces its router when channels change. Imports
-    prometheus_client lazily: the router itself must stay importable without it.
-    """
-
-    def collect() -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        router = get_router()
-        now = router.clock()
-        state = GaugeMetricFamily("tollway_channel_state",
-                                  "Channel breaker state: 0 closed, 1 open, 2 half-open", labels=["channel"])
-        rate = GaugeMetricFamily("tollway_channel_error_rate",
-                                 "Failed attempts / attempts in the breaker's sliding window",
-                                 labels=["channel"])
-        opens = GaugeMetricFamily("tollway_channel_breaker_opens",
-                                  "Times the channel's breaker opened in this worker", labels=["channel"])
-        inflight = GaugeMetricFamily("tollway_channel_in_flight",
-                                     "Attempts in flight on the channel (this worker)", labels=["channel"])
-        for c in router.channels:
-            b = c.breaker
-            state.add_metric([c.name], b.state)
-            rate.add_metric([c.name], b.error_rate(now))
-            opens.add_metric([c.name], b.opens)
-            inflight.add_metric([c.name], c.in_flight)
-        yield state
-        yield rate
-        yield opens
-        yield inflight
-
-    return collect
+def channel_state(router: Router) -> dict[str, tuple[str, str, str, str, dict[str, float]]]:
+    """Each channel's breaker and load as metric families for `Metrics.state` (merged
+    across workers: the worst state and error rate, summed opens and in-flight)."""
+    now = router.clock()
+    state: dict[str, float] = {}
+    rate: dict[str, float] = {}
+    opens: dict[str, float] = {}
+    inflight: dict[str, float] = {}
+    for c in router.channels:
+        b = c.breaker
+        state[c.name] = b.state
+        rate[c.name] = b.error_rate(now)
+        opens[c.name] = b.opens
+        inflight[c.name] = c.in_flight
+    return {
+        "tollway_channel_state": ("gauge", "Channel breaker state: 0 closed, 1 open, 2 half-open",
+                                  "channel", "max", state),
+        "tollway_channel_error_rate": ("gauge", "Failed attempts / attempts in the breaker's window",
+                                       "channel", "max", rate),
+        "tollway_channel_breaker_opens": ("counter", "Times the channel's breaker opened",
+                                          "channel", "sum", opens),
+        "tollway_channel_in_flight": ("gauge", "Attempts in flight on the channel", "channel",
+                                      "sum", inflight),
+    }

@@ -119,11 +119,8 @@ def run(cfg: Config) -> int:
             print(f"tollway: created user 'demo'; demo key (shown once, also in {key_file}):\n"
                   f"  {demo_key}", flush=True)
         mock = _start_mock(cfg)
-        print(f"tollway: listening on http://{cfg.server.host}:{cfg.server.port} "
-              f"({cfg.server.workers} worker{'s' if cfg.server.workers > 1 else ''})", flush=True)
         if cfg.server.workers == 1:
-            sock = bind_socket(cfg.server.host, cfg.server.port, reuse_port=True)
-            worker_main(cfg, dsn, 0, sock)
+            worker_main(cfg, dsn, 0, None)
             return 0
         return _supervise(cfg, dsn)
     finally:
@@ -148,8 +145,7 @@ def _supervise(cfg: Config, dsn: str) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                sock = bind_socket(cfg.server.host, cfg.server.port, reuse_port=True)
-                worker_main(cfg, dsn, index, sock)
+                worker_main(cfg, dsn, index, None)
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1
@@ -190,13 +186,15 @@ def _supervise(cfg: Config, dsn: str) -> int:
 # --- worker ---------------------------------------------------------------------------
 
 
-def worker_main(cfg: Config, dsn: str, index: int, sock: socket.socket) -> None:
+def worker_main(cfg: Config, dsn: str, index: int, sock: socket.socket | None) -> None:
+    """Run one worker. With `sock` None it binds its own SO_REUSEPORT socket, and only
+    once it is ready: a connection the kernel accepts is one the worker will serve."""
     import uvloop
 
     uvloop.run(_worker(cfg, dsn, index, sock))
 
 
-async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket) -> None:
+async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket | None) -> None:
     from relay.worker import Worker
 
     # Benchmarks only: TOLLWAY_BENCH_OFF=limits,ledger measures what each component costs
@@ -215,5 +213,11 @@ async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start(sock)
+    if index == 0:
+        n = cfg.server.workers
+        print(f"tollway: listening on http://{cfg.server.host}:{worker.port} "
+              f"({n} worker{'s' if n > 1 else ''})", flush=True)
     await stop.wait()
     await worker.stop()
+    if index == 0:
+        print("tollway: stopped (drained, ledger flushed)", flush=True)

@@ -27,11 +27,12 @@ from accounting.ledger import open_ledger
 from accounting.money import parse_multiplier
 from limits.admission import Limiter, anthropic_headers
 from relay import errors as E
-from relay.app import Gateway
+from relay.app import Gateway, breaker_factory
 from relay.config import ChannelConfig, Config
+from relay.healthcheck import HealthChecker
 from relay.httpserver import ServerState, drain, make_factory
 from relay.metrics import Metrics
-from relay.routing import Router
+from relay.routing import Router, channel_state
 
 log = logging.getLogger("tollway.worker")
 SYNC_INTERVAL = 0.5
@@ -56,6 +57,7 @@ class Worker:
         self.state: ServerState | None = None
         self.server: asyncio.base_events.Server | None = None
         self.flusher: Any = None
+        self.health: HealthChecker | None = None
         self.db: Any = None
         self._sync_task: asyncio.Task[None] | None = None
         self._flush_epoch = 0
@@ -65,7 +67,7 @@ class Worker:
         self._channel_version = 0
         self.port = 0
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
         cfg = self.cfg
         tokens.load()
         self.db = db = await create_pool(self.dsn, cfg.database.pool_min, cfg.database.pool_max)
@@ -110,9 +112,17 @@ class Worker:
             error_body=self._error_body,
         )
         loop = asyncio.get_running_loop()
+        if sock is None:
+            from relay.server import bind_socket
+
+            sock = bind_socket(cfg.server.host, cfg.server.port, reuse_port=True)
         self.server = await loop.create_server(make_factory(self.state), sock=sock, backlog=4096)
         self.port = sock.getsockname()[1]
         self._sync_task = loop.create_task(self._sync_loop(), name="sync")
+        if cfg.upstream.health_check_interval_s > 0:
+            self.health = HealthChecker(lambda: gw.router, cfg.upstream.health_check_interval_s,
+                                        cfg.upstream.health_check_timeout_s)
+            self.health.start()
 
     def _error_body(self, status: int, message: str,
                     req: Any) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -139,6 +149,8 @@ class Worker:
                 await self._sync_task
             except asyncio.CancelledError:
                 pass
+        if self.health is not None:
+            await self.health.stop()
         if self.flusher is not None:
             await self.flusher.stop(timeout=30)
         if self.gw is not None:
@@ -252,7 +264,7 @@ class Worker:
             )
             specs.append(spec)
         old = {c.name: c for c in gw.router.channels}
-        router = Router(specs)
+        router = Router(specs, breaker=breaker_factory(self.cfg))
         for c in router.channels:
             prev = old.get(c.name)
             if prev is not None and prev.cfg == c.cfg:
@@ -278,6 +290,7 @@ class Worker:
                 else:
                     out[f"tollway_ledger_{name}"] = (
                         "gauge", f"Ledger: {name.replace('_', ' ')}", "", "sum", {"": value})
+        out.update(channel_state(gw.router))
         if gw.limiter is not None:
             out["tollway_limit_denials"] = ("counter", "Admission denials by reason", "reason", "sum",
                                             dict(gw.limiter.denials))

@@ -15,7 +15,7 @@ import pytest
 
 from relay.config import ChannelConfig
 from relay.healthcheck import HealthChecker
-from relay.routing import Breaker, Router, channel_gauges
+from relay.routing import Breaker, Router, channel_state
 from tests.gateway import Harness
 
 CLOSED, OPEN, HALF = Breaker.CLOSED, Breaker.OPEN, Breaker.HALF_OPEN
@@ -220,15 +220,16 @@ def test_router_single_channel_and_status() -> None:
     assert st["state"] == "closed" and st["in_flight"] == 1 and st["max_concurrency"] == 1
 
 
-def test_channel_gauges() -> None:
+def test_channel_state_metrics() -> None:
     clock = Clock()
     r = Router([chan("a"), chan("b")], breaker=lambda: Breaker(min_requests=2), clock=clock)
     feed(r.channels[0].breaker, "xx", clock.t)
     r.channels[1].in_flight = 3
     got = {}
-    for fam in channel_gauges(lambda: r)():
-        for s in fam.samples:
-            got[(s.name, s.labels["channel"])] = s.value
+    for fam, (_kind, _doc, label, _merge, values) in channel_state(r).items():
+        assert label == "channel"
+        for name, value in values.items():
+            got[(fam, name)] = value
     assert got[("tollway_channel_state", "a")] == 1
     assert got[("tollway_channel_state", "b")] == 0
     assert got[("tollway_channel_error_rate", "a")] == 1.0
