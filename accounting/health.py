@@ -19,16 +19,32 @@ import asyncpg
 # How rows are grouped, and what each group is called in the output.
 BY = {
     "group": ("h.group_name", "", "group"),
-    "user": ("h.user_id", " LEFT JOIN users u ON u.id = h.user_id", "user_id"),
-    "key": ("h.key_id", " LEFT JOIN keys k ON k.id = h.key_id", "key_id"),
+    "user": ("h.user_id", " LEFT JOIN users u ON u.id = a.grp", "user_id"),
+    "key": ("h.key_id", " LEFT JOIN keys k ON k.id = a.grp", "key_id"),
     "model": ("h.model", "", "model"),
 }
-_LABEL = {"user": ", min(u.name) AS user_name", "key": ", min(k.name) AS key_name,"
-          " min(k.key_prefix) AS key_prefix, min(k.user_id) AS user_id_of_key"}
+_LABEL = {"user": ", u.name AS user_name", "key": ", k.name AS key_name,"
+          " k.key_prefix AS key_prefix, k.user_id AS user_id_of_key"}
 
 
 def hour_floor(t: datetime) -> datetime:
     return t.replace(minute=0, second=0, microsecond=0)
+
+
+# Planner settings for one aggregate query, local to its transaction. JIT compiles
+# expressions for ~150 ms once a plan's estimated cost passes jit_above_cost, which a
+# 30-day view over usage_hourly does, to save less than that; and the server's default
+# random_page_cost (4, for spinning disks) makes an hour-range read of usage_hourly
+# (rows stored in hour order) look dearer than reading the whole table. Measured in
+# bench/RESULTS.md, "Usage views at scale".
+_TUNE = "SET LOCAL jit = off; SET LOCAL random_page_cost = 1.1"
+
+
+async def fetch_aggregate(conn: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """`conn.fetch(sql, *args)` with the planner settings above, for the aggregate views."""
+    async with conn.transaction(readonly=not conn.is_in_transaction()):
+        await conn.execute(_TUNE)
+        return await conn.fetch(sql, *args)
 
 
 def _day_floor(t: datetime) -> datetime:
@@ -89,8 +105,11 @@ async def health(
         if value is not None:
             args.append(value)
             where.append(f"{column} = ${len(args)}")
-    rows = await conn.fetch(
-        f"SELECT {col} AS name{_LABEL.get(by, '')},"
+    # Sum first, then look up the few labels: joining every aggregate row to keys or
+    # users before grouping cost more than the sums.
+    rows = await fetch_aggregate(
+        conn,
+        f"SELECT a.grp AS name{_LABEL.get(by, '')}, a.* FROM (SELECT {col} AS grp,"
         " sum(h.requests)::bigint AS requests, sum(h.errors)::bigint AS errors,"
         " sum(h.input_tokens)::bigint AS input_tokens,"
         " sum(h.output_tokens)::bigint AS output_tokens,"
@@ -100,8 +119,8 @@ async def health(
         " sum(h.latency_ms_sum)::bigint AS latency_ms_sum,"
         " sum(h.ttfb_ms_sum)::bigint AS ttfb_ms_sum,"
         " max(h.last_at) AS last_at"
-        f" FROM {source}{join}{' WHERE ' if where else ''}{' AND '.join(where)}"
-        " GROUP BY 1 ORDER BY requests DESC, 1", *args)
+        f" FROM {source}{' WHERE ' if where else ''}{' AND '.join(where)} GROUP BY 1) a{join}"
+        " ORDER BY a.requests DESC, 1", *args)
     out = []
     for r in rows:
         d = dict(r)
@@ -109,6 +128,7 @@ async def health(
         cached, fresh = d["cache_read_tokens"], d["input_tokens"]
         lat, ttfb = d.pop("latency_ms_sum"), d.pop("ttfb_ms_sum")
         d[name] = d.pop("name")
+        del d["grp"]
         if by == "key":
             d["user_id"] = d.pop("user_id_of_key")
         d["success_rate"] = _rate(req - err, req)

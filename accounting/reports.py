@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 
 from accounting import pricing
+from accounting.health import fetch_aggregate
 from accounting.money import parse_multiplier
 from accounting.records import Usage
 
@@ -148,8 +149,8 @@ async def spend_series(
         raise ValueError(f"bucket: expected one of {', '.join(BUCKETS)}, got {bucket!r}")
     where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id, model=model,
                            group_name=group)
-    rows = await conn.fetch(
-        f"SELECT date_trunc('{bucket}', hour, 'UTC') AS bucket, {_SUMS}"
+    rows = await fetch_aggregate(
+        conn, f"SELECT date_trunc('{bucket}', hour, 'UTC') AS bucket, {_SUMS}"
         f" FROM {_totals(user_id, key_id)}{where} GROUP BY 1 ORDER BY 1", *args)
     return [dict(r) for r in rows]
 
@@ -164,8 +165,8 @@ async def per_model(
 ) -> list[dict[str, Any]]:
     """Totals per model in [start, end), dearest first."""
     where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id, group_name=group)
-    rows = await conn.fetch(
-        f"SELECT model, {_SUMS} FROM {_totals(user_id, key_id)}{where} GROUP BY model"
+    rows = await fetch_aggregate(
+        conn, f"SELECT model, {_SUMS} FROM {_totals(user_id, key_id)}{where} GROUP BY model"
         " ORDER BY cost_nano DESC, model", *args)
     return [dict(r) for r in rows]
 
@@ -203,8 +204,11 @@ async def request_log(
     """
     limit = max(1, min(limit, 1000))
     where, args = _filters(start, end, "ts", user_id=user_id, key_id=key_id, model=model,
-                           group_name=group, status=status)
+                           group_name=group)
     clauses = [where[len(" WHERE "):]] if where else []
+    if status is not None:
+        args.append(status)
+        clauses.append(f"status = ${len(args)}")
     if errors_only or (status is not None and status >= 400):
         clauses.append(_ERROR_PRED)
     if before_cursor:
@@ -254,8 +258,8 @@ async def daily_model_costs(
 ) -> list[dict[str, Any]]:
     """Cost per UTC day and model in [start, end): rows of (day, model, requests, cost_nano)."""
     where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id)
-    rows = await conn.fetch(
-        "SELECT date_trunc('day', hour, 'UTC') AS day, model, sum(requests)::bigint AS requests,"
+    rows = await fetch_aggregate(
+        conn, "SELECT date_trunc('day', hour, 'UTC') AS day, model, sum(requests)::bigint AS requests,"
         f" sum(cost_nano)::bigint AS cost_nano FROM {_totals(user_id, key_id)}{where}"
         " GROUP BY 1, 2 ORDER BY 1, 2", *args)
     return [dict(r) for r in rows]
