@@ -706,9 +706,11 @@ class Limiter:
         k.inflight -= 1
         u.inflight -= 1
         self.inflight -= 1
+        # The ledger reports every key's spend (on_flushed), capped or not: count it here
+        # too, so that a key's unflushed never goes below zero.
+        k.unflushed += cost
         if reserve >= 0:
             k.reserved -= reserve
-            k.unflushed += cost
             k.held -= cost
         else:
             reserve = -reserve

@@ -485,14 +485,15 @@ class Shared:
                         short = True
                     if s.held - s.reserved < max(s.last_reserve, 1) and int(mavail) <= 0:
                         s.money_empty_until = now + 0.5
-                    v = float(ver)
-                    if s.flushed:
-                        kept = [(at, a) for at, a in s.flushed if at + _CLOCK_MARGIN_S >= v]
-                        if len(kept) < len(s.flushed):
-                            s.flushed = kept
-                            self._dirty.add(s)  # lower the claim on the next round
                 else:
                     unknown.append(s)
+            if s.flushed:
+                v = float(ver)
+                kept = [(at, a) for at, a in s.flushed if at + _CLOCK_MARGIN_S >= v]
+                if len(kept) < len(s.flushed):
+                    s.flushed = kept
+                    if s.money:
+                        self._dirty.add(s)  # lower the claim on the next round
             # Redis had less than asked: no prefetch for an interval (a waiter still may),
             # so a scope at its limit does not turn every admission into a round trip.
             s.nextfill = now + self.interval if short else 0.0

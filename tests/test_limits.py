@@ -239,6 +239,20 @@ def test_quota_reserve_settle_and_snapshots() -> None:
     assert isinstance(d, Denial) and d.reason == "balance"
 
 
+def test_uncapped_key_spend_stays_counted_when_a_cap_arrives() -> None:
+    lim = limiter(balance=1000)
+    lim.apply_key_snapshot(1, 0)
+    lease = admit(lim, key(), reserve=100)
+    assert isinstance(lease, Lease)
+    lease.release(100, 0)
+    lim.on_flushed({7: 100}, {1: 100})  # the ledger reports every key's spend
+    assert lim.keys[1].unflushed == 0
+    lim.apply_key_snapshot(1, 100)
+    capped = key(cap_nano=150)  # the operator sets a cap: 50 left
+    assert isinstance(admit(lim, capped, reserve=51), Denial)
+    assert isinstance(admit(lim, capped, reserve=50), Lease)
+
+
 def test_unknown_balance_needs_loader_or_denies() -> None:
     lim = Limiter(LimitsConfig())
     d = lim.admit(key(), "m", 1, 1, "1.1.1.1", True, 0.0)

@@ -314,3 +314,20 @@ async def test_cancelled_waiter_does_not_cancel_the_round(workers: Factory) -> N
     await second
     assert first.cancelled()
     assert isinstance(a.admit(k, "m", 1, 10, "10.0.0.1", True, a.clock()), Lease)
+
+
+async def test_flushed_spend_of_an_uncapped_key_is_forgotten_once_snapshotted(
+    workers: Factory,
+) -> None:
+    a = workers()
+    await a.start()
+    k = key()
+    lease = await admit(a, k, 100)
+    assert isinstance(lease, Lease)
+    lease.release(100, 0)
+    a.on_flushed({7: 100}, {1: 100}, committed_at=time.time())
+    assert a.keys[1].flushed and a.keys[1].unflushed == 0
+    a.apply_key_snapshot(1, 100, as_of=time.time() + 3)
+    a.apply_user_snapshot(7, 10**15 - 100, as_of=time.time() + 3)
+    await asyncio.sleep(0.2)
+    assert a.keys[1].flushed == [] and a.users[7].flushed == []
