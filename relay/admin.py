@@ -661,6 +661,15 @@ class Admin:
             raise E.NotFound(f"channel {call.params['channel']!r} not found")
         return channel_json(ch)
 
+    async def channels_health(self, call: Call) -> Any:
+        """This worker's view of the channel: breaker state, error rate, load. Every worker
+        keeps its own breaker; /metrics merges them (the worst state wins)."""
+        name = call.params["channel"]
+        status = self.gw.router.status()
+        if name not in status:
+            raise E.NotFound(f"channel {name!r} is not in service (unknown or disabled)")
+        return {"channel": name, **status[name]}
+
     async def channels_create(self, call: Call) -> Reply:
         body = call.body()
         _only(body, {"name", *self._CHANNEL_FIELDS})
@@ -1148,6 +1157,7 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", "/admin/v1/channels", "channels_create"),
     ("GET", "/admin/v1/channels/{channel}", "channels_show"),
     ("PATCH", "/admin/v1/channels/{channel}", "channels_edit"),
+    ("GET", "/admin/v1/channels/{channel}/health", "channels_health"),
     ("POST", "/admin/v1/channels/{channel}/disable", "channels_disable"),
     ("POST", "/admin/v1/channels/{channel}/enable", "channels_enable"),
     ("GET", "/admin/v1/prices", "prices_list"),

@@ -432,3 +432,14 @@ async def test_unknown_route_and_method(gw: Harness, http: aiohttp.ClientSession
     assert status == 405
     status, body = await a.call("POST", "/admin/v1/users", b"not json")
     assert status == 400
+
+
+async def test_channel_health_reports_the_breaker(gw: Harness, http: aiohttp.ClientSession) -> None:
+    a = Admin(http, gw)
+    _, _, secret = await gw.user_and_key()
+    assert (await chat(http, gw, secret))[0] == 200
+    health = await a.get("/admin/v1/channels/mock-openai/health")
+    assert health["channel"] == "mock-openai" and health["state"] == "closed"
+    assert health["window_requests"] >= 1 and health["error_rate"] == 0
+    await a.call("GET", "/admin/v1/channels/no-such-channel/health", ok=404)
+    await a.call("GET", "/admin/v1/channels/mock-openai/health", ok=401, headers={})
