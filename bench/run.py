@@ -285,8 +285,19 @@ class Bench:
             argv = [PY, "-m", "bench.thin_proxy", "--port", str(t.port),
                     "--upstream", f"http://127.0.0.1:{self.mock_port}"]
         elif name.startswith("tollway"):
-            workers = 1 if name == "tollway1" else self.args.workers
-            argv_or_note = self.tollway_argv(t, workers)
+            # tollway1: one worker, in-process limits (exact, no Redis); tollwayN: one worker
+            # per core sharing limits through Redis. Variants of tollway1 measure what each
+            # component costs: -redis (limits leased from Redis), -nolimits, -noledger, -bare
+            # (both off; TOLLWAY_BENCH_OFF, benchmarks only).
+            base, _, variant = name.partition("-")
+            workers = 1 if base == "tollway1" else self.args.workers
+            redis = base == "tollwayN" or variant == "redis"
+            off = {"nolimits": "limits", "noledger": "ledger", "bare": "limits,ledger"}.get(variant, "")
+            argv_or_note = self.tollway_argv(t, workers, redis=redis)
+            if off:
+                os.environ["TOLLWAY_BENCH_OFF"] = off
+            else:
+                os.environ.pop("TOLLWAY_BENCH_OFF", None)
             if isinstance(argv_or_note, str):
                 t.note = argv_or_note
                 return t
@@ -294,6 +305,7 @@ class Bench:
         else:
             raise SystemExit(f"unknown target {name!r}")
         p = self.procs.spawn(argv, log)
+        os.environ.pop("TOLLWAY_BENCH_OFF", None)
         t.procs.append(p)
         t.pids = [p.pid]
         headers = {"authorization": f"Bearer {t.key}"}
@@ -338,7 +350,7 @@ class Bench:
                                  env=env, capture_output=True, text=True, timeout=timeout, check=False)
         return res
 
-    def tollway_config(self, port: int, workers: int) -> Path:
+    def tollway_config(self, port: int, workers: int, redis: bool = True) -> Path:
         mock = f"http://127.0.0.1:{self.mock_port}"
         text = f"""# written by bench/run.py for one run; deleted with its temp dir
 [server]
@@ -354,7 +366,7 @@ data_dir = "{self.work / 'tollway-data'}"
 journal_dir = "{self.work / 'tollway-data' / f'journal-{port}'}"
 
 [limits]
-redis_url = "{self.args.redis_url}"
+redis_url = "{self.args.redis_url if redis else ''}"
 key_concurrency = 100000
 
 [[channels]]
@@ -409,13 +421,13 @@ output = "0.01"
             return f"skipped: `keys create` gave no key: {(res.stderr or res.stdout).strip()[-300:]}"
         return None
 
-    def tollway_argv(self, t: Target, workers: int) -> list[str] | str:
+    def tollway_argv(self, t: Target, workers: int, redis: bool = True) -> list[str] | str:
         if self.tollway_setup_note is None and not self.tollway_key:
             self.tollway_setup_note = self.tollway_setup() or ""
         if self.tollway_setup_note:
             return self.tollway_setup_note
         t.key = self.tollway_key
-        config = self.tollway_config(t.port, workers)
+        config = self.tollway_config(t.port, workers, redis=redis)
         os.environ["BENCH_UPSTREAM_KEY"] = UPSTREAM_KEY  # inherited by the gateway
         return [PY, "-m", "relay", "--config", str(config), "serve"]
 
@@ -677,7 +689,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, help="seconds per scenario (default 10, --quick 3)")
     ap.add_argument("--scenarios", default="", help="comma list; default all: "
                     + ",".join(s.name for s in SCENARIOS))
-    ap.add_argument("--targets", default="direct,nginx,thin,tollway1,tollwayN")
+    ap.add_argument("--targets", default="direct,nginx,thin,tollway1,tollwayN",
+                    help="also: tollway1-redis, tollway1-nolimits, tollway1-noledger, tollway1-bare")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N for tollwayN")
     ap.add_argument("--mock-workers", type=int, default=0, help="passed to the mock as --workers")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Tollway limits.redis_url")
