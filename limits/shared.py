@@ -67,7 +67,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from limits.keys import KeyState
 
@@ -206,6 +206,7 @@ class Shared:
     async def start(self) -> None:
         try:
             await self.redis.ping()
+            await self._load_scripts()
         except _ERRORS:
             self._fail()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -304,6 +305,12 @@ class Shared:
             p.money = True
             p.limit = 0
 
+    async def _load_scripts(self) -> None:
+        # Pipelines call the scripts by EVALSHA: redis-py would otherwise precede every
+        # pipeline holding a script with a SCRIPT EXISTS round trip.
+        await self.redis.script_load(_SYNC)
+        await self.redis.script_load(_SNAPSHOT)
+
     @staticmethod
     def _resolve(fut: asyncio.Future[None] | None) -> None:
         if fut is not None and not fut.done():
@@ -356,7 +363,8 @@ class Shared:
             await self._snap(keys=[self._name(s)], args=[s.db, repr(self._versions.get(s, 0.0))])
 
     async def _sync_scopes(
-        self, scopes: list[Scope], final: bool = False, snaps: dict[Scope, float] | None = None
+        self, scopes: list[Scope], final: bool = False, snaps: dict[Scope, float] | None = None,
+        retry: bool = False,
     ) -> list[Scope]:
         """Snapshot pushes, then one atomic script per scope, in one pipeline.
 
@@ -374,7 +382,7 @@ class Shared:
         for s, v in (snaps or {}).items():
             if s.db is None:
                 continue
-            await self._snap(keys=[self._name(s)], args=[s.db, repr(v)], client=pipe)
+            pipe.evalsha(self._snap.sha, 1, self._name(s), s.db, repr(v))
             nsnaps += 1
             if s.flushed:
                 # Redis' snapshot is at least this new once the pipeline has run (older
@@ -439,27 +447,34 @@ class Shared:
             base = s.held + s.unflushed + sum(a for _, a in s.flushed)
             debit = s.debt
             s.debt = 0
-            await self._sync(
-                keys=[self._name(s)],
-                args=[
-                    self.worker, self.ttl_ms, s.lc, cwant, cmin, s.lr, rwant, s.lt, debit,
-                    1 if s.money else 0, s.limit, base, mwant, rret, need, lim.peers,
-                ],
-                client=pipe,
+            pipe.evalsha(
+                self._sync.sha, 1, self._name(s),
+                self.worker, self.ttl_ms, s.lc, cwant, cmin, s.lr, rwant, s.lt, debit,
+                1 if s.money else 0, s.limit, base, mwant, rret, need, lim.peers,
             )
-            sent.append((s, debit, cwant, rwant, mwant))
+            sent.append((s, debit, cwant, rwant, mwant, wanted))
             want.discard(s)
             urgent.discard(s)
         self.rounds += 1
         try:
             results = await pipe.execute()
+        except NoScriptError:
+            # Redis lost its scripts (restart, SCRIPT FLUSH): nothing of this round ran.
+            for s, debit, *_, wanted in sent:
+                s.debt += debit
+                if wanted:
+                    want.add(s)
+            if retry:
+                raise
+            await self._load_scripts()
+            return await self._sync_scopes(scopes, final, snaps, retry=True)
         except _ERRORS:
             for s, debit, *_ in sent:
                 s.debt += debit
             raise
         unknown = []
         now = lim.clock()
-        for (s, _, cwant, rwant, mwant), r in zip(sent, results[nsnaps:], strict=True):
+        for (s, _, cwant, rwant, mwant, _), r in zip(sent, results[nsnaps:], strict=True):
             cgrant, rgrant, rwait, rleft, tlev, known, mgrant, mavail, ver = r
             short = False
             s.conc_held = int(cgrant)
@@ -554,6 +569,7 @@ class Shared:
                 if lim.degraded:
                     try:
                         await self.redis.ping()
+                        await self._load_scripts()
                     except _ERRORS:
                         if self._closing or me.cancelling():
                             raise asyncio.CancelledError from None

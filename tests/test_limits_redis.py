@@ -331,3 +331,18 @@ async def test_flushed_spend_of_an_uncapped_key_is_forgotten_once_snapshotted(
     a.apply_user_snapshot(7, 10**15 - 100, as_of=time.time() + 3)
     await asyncio.sleep(0.2)
     assert a.keys[1].flushed == [] and a.users[7].flushed == []
+
+
+async def test_scripts_lost_by_redis_are_loaded_again(workers: Factory) -> None:
+    a = workers()
+    await a.start()
+    k = key(rpm=100_000)
+    assert isinstance(await admit(a, k, 10), Lease)
+    r = aioredis.from_url(URL)
+    await r.script_flush()
+    await r.aclose()
+    assert a.shared is not None
+    errors = a.shared.errors
+    a.keys[1].rt = 0  # out of RPM tokens: the next admission needs a round
+    assert isinstance(await admit(a, k, 10), Lease)
+    assert a.shared.errors == errors and not a.degraded
