@@ -91,25 +91,22 @@ class Exchange:
 
     # --- Sink ------------------------------------------------------------------------
 
-    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+    def _head(self, status: int) -> bool:
+        """What every exchange does first with a response head. False: the status is
+        decided at on_done (retry elsewhere, or render); nothing reaches the client yet."""
         now = self.loop.time()
         self.first_byte = self.last_activity = now
         self.upstream_status = status
         self._rearm(now)
         if status >= 500 or status == 429 or 300 <= status < 400:
-            # Decided at on_done: retry elsewhere, or render. Nothing reaches the client yet.
             self.error_body = []
-            return
+            return False
         self.status = status
-        out = self.headers_out
-        for k, v in headers:
-            if k not in HOP_BY_HOP:
-                out.append((k, v))
-        if status >= 400:
-            self.mode = NONSTREAM  # an upstream 4xx passes through unchanged
-        if self.mode == WITHHOLD:
-            length = None  # we may drop bytes: the length is no longer known
-        self.client.start(status, out, length)
+        return True
+
+    def _start_client(self, out: list[tuple[bytes, bytes]], length: int | None) -> None:
+        """Send the head, and tie the client's flow control to the upstream's reading."""
+        self.client.start(self.status, out, length)
         self.started = True
         up = self.upstream
         if up is not None:
@@ -118,12 +115,31 @@ class Exchange:
             if self.client.write_paused:
                 up.pause()
 
-    def on_body(self, data: bytes) -> None:
+    def _body_consumed(self, data: bytes) -> bool:
+        """Activity bookkeeping; True when `data` belongs to an error body being held."""
         self.last_activity = self.loop.time()
         eb = self.error_body
-        if eb is not None:
-            if sum(map(len, eb)) < 65536:
-                eb.append(data)
+        if eb is None:
+            return False
+        if sum(map(len, eb)) < 65536:
+            eb.append(data)
+        return True
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        if not self._head(status):
+            return
+        out = self.headers_out
+        for k, v in headers:
+            if k not in HOP_BY_HOP:
+                out.append((k, v))
+        if status >= 400:
+            self.mode = NONSTREAM  # an upstream 4xx passes through unchanged
+        if self.mode == WITHHOLD:
+            length = None  # we may drop bytes: the length is no longer known
+        self._start_client(out, length)
+
+    def on_body(self, data: bytes) -> None:
+        if self._body_consumed(data):
             return
         self.body_chunks.append(data)
         mode = self.mode

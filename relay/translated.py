@@ -137,35 +137,20 @@ class TranslatingExchange(Exchange):
         self.stream_mapper: _Feed | None = plan.stream(model, req_body) if stream else None
 
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        now = self.loop.time()
-        self.first_byte = self.last_activity = now
-        self.upstream_status = status
-        self._rearm(now)
-        if status >= 500 or status == 429 or 300 <= status < 400:
-            self.error_body = []
+        if not self._head(status):
             return
-        self.status = status
         out = self.headers_out
         for k, v in headers:
-            if k not in HOP_BY_HOP and k != b"content-type" and k != b"content-length":
+            if k not in HOP_BY_HOP and k != b"content-type":
                 out.append((k, v))
         if status >= 400 or self.stream_mapper is None:
             self.mode = 0  # buffered: translated whole at on_done
             return
         out.extend(SSE_HEADERS)
-        self.client.start(status, out, None)
-        self.started = True
-        up = self.upstream
-        if up is not None:
-            self.client.on_pause = up.pause
-            self.client.on_resume = up.resume
+        self._start_client(out, None)
 
     def on_body(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
-        eb = self.error_body
-        if eb is not None:
-            if sum(map(len, eb)) < 65536:
-                eb.append(data)
+        if self._body_consumed(data):
             return
         self.body_chunks.append(data)
         mapper = self.stream_mapper
