@@ -312,16 +312,16 @@ async def test_batch_keys_and_listing_filters(gw: Harness, http: aiohttp.ClientS
 
 async def test_users_list_edit(gw: Harness, http: aiohttp.ClientSession) -> None:
     a = Admin(http, gw)
-    await a.call("POST", "/admin/v1/users", {"name": "ed1"}, ok=201)
-    _, u = await a.call("PATCH", "/admin/v1/users/ed1", {"tpm": 5000, "max_ips": 3}, ok=200)
+    await a.call("POST", "/admin/v1/users", {"name": "zq-edit-user1"}, ok=201)
+    _, u = await a.call("PATCH", "/admin/v1/users/zq-edit-user1", {"tpm": 5000, "max_ips": 3}, ok=200)
     assert u["tpm"] == 5000 and u["max_ips"] == 3
-    await a.call("PATCH", "/admin/v1/users/ed1", {"status": "gone"}, ok=400)
-    await a.call("PATCH", "/admin/v1/users/ed1", {"tpm": -1}, ok=400)
+    await a.call("PATCH", "/admin/v1/users/zq-edit-user1", {"status": "gone"}, ok=400)
+    await a.call("PATCH", "/admin/v1/users/zq-edit-user1", {"tpm": -1}, ok=400)
     await a.call("PATCH", "/admin/v1/users/nobody", {"tpm": 1}, ok=404)
-    listed = await a.get("/admin/v1/users?name=ed")
-    assert [x["name"] for x in listed["data"]] == ["ed1"]
-    await a.call("DELETE", "/admin/v1/users/ed1", ok=200)
-    assert [x["name"] for x in (await a.get("/admin/v1/users?status=disabled&name=ed1"))["data"]] == ["ed1"]
+    listed = await a.get("/admin/v1/users?name=zq-edit")
+    assert [x["name"] for x in listed["data"]] == ["zq-edit-user1"]
+    await a.call("DELETE", "/admin/v1/users/zq-edit-user1", ok=200)
+    assert [x["name"] for x in (await a.get("/admin/v1/users?status=disabled&name=zq-edit-user1"))["data"]] == ["zq-edit-user1"]
 
 
 async def test_groups(gw: Harness, http: aiohttp.ClientSession) -> None:
