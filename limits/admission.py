@@ -533,6 +533,10 @@ class Limiter:
                 "concurrency", f"{which} concurrency limit reached", _CONC_RETRY_S,
                 (0, 0, 0.0, 0, 0, 0.0),
             ))
+        # Shared mode: a scope with nothing leased yet makes the answer None, but only after
+        # every other check, so that one refill learns all this request needs (relay
+        # admits at most three times).
+        pending = False
         if leased:
             if k.conc_held <= k.inflight or (uc and u.conc_held <= u.inflight):
                 if now < k.conc_empty_until or now < u.conc_empty_until:
@@ -540,7 +544,7 @@ class Limiter:
                         "concurrency", "concurrency limit reached", _CONC_RETRY_S,
                         (0, 0, 0.0, 0, 0, 0.0),
                     ))
-                return None
+                pending = True
 
         # RPM (bucket state is committed only once every check has passed).
         krpm = key.rpm or cfg.key_rpm
@@ -561,7 +565,8 @@ class Limiter:
                             "rpm", f"{'key' if s is k else 'account'} requests-per-minute limit reached",
                             s.rpm_empty_until - now, (rpm, 0, s.rpm_empty_until - now, 0, 0, 0.0),
                         ))
-                    return None
+                    pending = True
+                    continue
                 left = int(tokens - 1) + max(s.rleft, 0)
                 rate = rpm / 60
             else:
@@ -630,6 +635,9 @@ class Limiter:
                 if not key.plan_fallback:
                     return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted",
                                              reason="plan_credit"))
+            elif fit == _REFILL:
+                pending = True
+                m = p
             else:
                 return self._undecided(fit, "plan credit not loaded yet")
         for s in ((k, m) if cap_nano else (m,)):
@@ -639,8 +647,12 @@ class Limiter:
                     return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted",
                                              reason="plan_credit"))
                 return self._quota_denial(s is k)
-            if fit != _FITS:
+            if fit == _REFILL:
+                pending = True
+            elif fit != _FITS:
                 return self._undecided(fit, "balance not loaded yet")
+        if pending:
+            return None
 
         # Commit.
         if krpm:
