@@ -201,10 +201,6 @@ async def test_redis_outage_under_load_is_safe_and_recovers(pg_dsn: str, fault: 
             await proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: in shared (Redis) mode the first request of a new capped key is refused 429 'Rate limit "
-    "state unavailable, retry shortly': relay/app.py _admit gives up after three admit/refill rounds "
-    "before limits/shared.py has leased the key's money slice"))
 async def test_first_request_of_a_new_capped_key_is_served(pg_dsn: str) -> None:
     h = await Harness().start(pg_dsn, limits={"redis_url": f"redis://127.0.0.1:6379/{REDIS_DB}"})
     try:
