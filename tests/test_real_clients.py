@@ -91,6 +91,17 @@ async def _assert_billed(h: Harness, user_id: int, key_id: int, rows: list[async
     assert await _money(h, user_id, key_id) == (parse_usd(balance) - total, total)
 
 
+@pytest.fixture
+def claude() -> str:
+    """Path of the claude binary (skips before any gateway starts when it is missing)."""
+    return _binary("claude")
+
+
+@pytest.fixture
+def codex() -> str:
+    return _binary("codex")
+
+
 # --- gateways ------------------------------------------------------------------------------
 
 def _openai_only(models: list[str]) -> list[dict[str, Any]]:
@@ -129,7 +140,7 @@ async def anthropic_only(pg_dsn: str):
 
 # --- Claude Code ---------------------------------------------------------------------------
 
-async def _claude(h: Harness, secret: str, tmp_path: Path, prompt: str, *extra: str) -> dict[str, Any]:
+async def _claude(claude: str, h: Harness, secret: str, tmp_path: Path, prompt: str, *extra: str) -> dict[str, Any]:
     home = tmp_path / "home"
     work = tmp_path / "work"
     home.mkdir(exist_ok=True)
@@ -137,7 +148,7 @@ async def _claude(h: Harness, secret: str, tmp_path: Path, prompt: str, *extra: 
     env = {**_base_env(home), "ANTHROPIC_BASE_URL": h.url, "ANTHROPIC_API_KEY": secret,
            "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1", "DISABLE_AUTOUPDATER": "1",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-    argv = [_binary("claude"), "-p", prompt, "--output-format", "json", *extra]
+    argv = [claude, "-p", prompt, "--output-format", "json", *extra]
     code, out, err = await _run(argv, env, work)
     assert out.strip(), f"claude printed nothing (exit {code}): {err[-2000:]}"
     result: dict[str, Any] = orjson.loads(out.strip().splitlines()[-1])
@@ -150,9 +161,9 @@ def _claude_tokens(result: dict[str, Any]) -> tuple[int, int]:
     return sum(m["inputTokens"] for m in models), sum(m["outputTokens"] for m in models)
 
 
-async def test_claude_code_text_turn_anthropic_channel(native: Harness, tmp_path: Path) -> None:
+async def test_claude_code_text_turn_anthropic_channel(claude: str, native: Harness, tmp_path: Path) -> None:
     user_id, key_id, secret = await native.user_and_key()
-    result = await _claude(native, secret, tmp_path, "say hi")
+    result = await _claude(claude, native, secret, tmp_path, "say hi")
     assert result["subtype"] == "success" and not result["is_error"], result
     assert result["result"].startswith("hello")
     rows = await _rows(native, key_id)
@@ -164,11 +175,11 @@ async def test_claude_code_text_turn_anthropic_channel(native: Harness, tmp_path
     await _assert_billed(native, user_id, key_id, rows)
 
 
-async def test_claude_code_tool_turn_anthropic_channel(native: Harness, tmp_path: Path) -> None:
+async def test_claude_code_tool_turn_anthropic_channel(claude: str, native: Harness, tmp_path: Path) -> None:
     """The mock calls Claude Code's first tool with placeholder arguments; Claude Code
     rejects them and sends a tool_result error back, which ends the turn normally."""
     user_id, key_id, secret = await native.user_and_key()
-    result = await _claude(native, secret, tmp_path, "please use the tool")
+    result = await _claude(claude, native, secret, tmp_path, "please use the tool")
     assert result["subtype"] == "success" and not result["is_error"], result
     assert result["num_turns"] == 2
     stats = native.mock.stats
@@ -191,15 +202,15 @@ async def test_claude_code_tool_turn_anthropic_channel(native: Harness, tmp_path
     "gateway bug: Claude Code's default tool set sends a role 'system' message inside "
     "`messages` (agent and skill listings) and relay/translate/chat_anthropic.py "
     "anthropic_to_openai_chat_request answers 400 \"unknown role 'system'\""))
-async def test_claude_code_default_tools_openai_channel(openai_only: Harness, tmp_path: Path) -> None:
+async def test_claude_code_default_tools_openai_channel(claude: str, openai_only: Harness, tmp_path: Path) -> None:
     _, key_id, secret = await openai_only.user_and_key()
-    result = await _claude(openai_only, secret, tmp_path, "say hi")
+    result = await _claude(claude, openai_only, secret, tmp_path, "say hi")
     assert result["subtype"] == "success" and not result["is_error"], result
     rows = await _rows(openai_only, key_id)
     assert {(r["route"], r["channel"], r["status"]) for r in rows} == {("messages", "only-openai", 200)}
 
 
-async def test_claude_code_tool_turn_openai_channel(openai_only: Harness, tmp_path: Path) -> None:
+async def test_claude_code_tool_turn_openai_channel(claude: str, openai_only: Harness, tmp_path: Path) -> None:
     """Claude Code against an OpenAI-protocol channel: the tool call, Claude Code's
     tool_result and the next answer all cross the Anthropic <-> OpenAI chat translation.
 
@@ -209,7 +220,7 @@ async def test_claude_code_tool_turn_openai_channel(openai_only: Harness, tmp_pa
     it never stops asking: `--max-turns 2` bounds that loop, and then Claude Code ends
     with error_max_turns instead of success."""
     user_id, key_id, secret = await openai_only.user_and_key()
-    result = await _claude(openai_only, secret, tmp_path, "please use the tool",
+    result = await _claude(claude, openai_only, secret, tmp_path, "please use the tool",
                            "--tools", "Read", "--max-turns", "2")
     assert result.get("api_error_status") is None, result
     if result["stop_reason"] == "tool_use":
@@ -248,7 +259,7 @@ stream_max_retries = 0
 """
 
 
-async def _codex(h: Harness, secret: str, tmp_path: Path, prompt: str) -> list[dict[str, Any]]:
+async def _codex(codex: str, h: Harness, secret: str, tmp_path: Path, prompt: str) -> list[dict[str, Any]]:
     home = tmp_path / "home"
     codex_home = tmp_path / "codex"
     work = tmp_path / "work"
@@ -256,16 +267,16 @@ async def _codex(h: Harness, secret: str, tmp_path: Path, prompt: str) -> list[d
         d.mkdir(exist_ok=True)
     (codex_home / "config.toml").write_text(CODEX_CONFIG.format(url=h.url))
     env = {**_base_env(home), "CODEX_HOME": str(codex_home), "TOLLWAY_API_KEY": secret}
-    argv = [_binary("codex"), "exec", "--skip-git-repo-check", "--json", prompt]
+    argv = [codex, "exec", "--skip-git-repo-check", "--json", prompt]
     code, out, err = await _run(argv, env, work)
     events = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert events, f"codex printed no events (exit {code}): {err[-2000:]}"
     return events
 
 
-async def test_codex_text_turn(native: Harness, tmp_path: Path) -> None:
+async def test_codex_text_turn(codex: str, native: Harness, tmp_path: Path) -> None:
     user_id, key_id, secret = await native.user_and_key()
-    events = await _codex(native, secret, tmp_path, "say hi")
+    events = await _codex(codex, native, secret, tmp_path, "say hi")
     assert events[-1]["type"] == "turn.completed", events
     messages = [e["item"]["text"] for e in events
                 if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"]
@@ -278,10 +289,10 @@ async def test_codex_text_turn(native: Harness, tmp_path: Path) -> None:
     await _assert_billed(native, user_id, key_id, rows)
 
 
-async def test_codex_text_turn_anthropic_channel(anthropic_only: Harness, tmp_path: Path) -> None:
+async def test_codex_text_turn_anthropic_channel(codex: str, anthropic_only: Harness, tmp_path: Path) -> None:
     """Codex's Responses request served by an Anthropic-protocol channel (translated)."""
     user_id, key_id, secret = await anthropic_only.user_and_key()
-    events = await _codex(anthropic_only, secret, tmp_path, "say hi")
+    events = await _codex(codex, anthropic_only, secret, tmp_path, "say hi")
     assert events[-1]["type"] == "turn.completed", events
     assert anthropic_only.mock.stats.requests == {"/v1/messages": 1}
     rows = await _rows(anthropic_only, key_id)
@@ -291,9 +302,9 @@ async def test_codex_text_turn_anthropic_channel(anthropic_only: Harness, tmp_pa
     await _assert_billed(anthropic_only, user_id, key_id, rows)
 
 
-async def _codex_tool_loop(h: Harness, tmp_path: Path, cap: str) -> tuple[int, int, list[dict[str, Any]]]:
+async def _codex_tool_loop(codex: str, h: Harness, tmp_path: Path, cap: str) -> tuple[int, int, list[dict[str, Any]]]:
     user_id, key_id, secret = await h.user_and_key(cap_nano=parse_usd(cap))
-    events = await _codex(h, secret, tmp_path, "please use the tool")
+    events = await _codex(codex, h, secret, tmp_path, "please use the tool")
     last = events[-1]
     if last["type"] == "turn.failed":
         assert "402" in last["error"]["message"] and "cap" in last["error"]["message"], last
@@ -302,14 +313,14 @@ async def _codex_tool_loop(h: Harness, tmp_path: Path, cap: str) -> tuple[int, i
     return user_id, key_id, events
 
 
-async def test_codex_tool_turn(native: Harness, tmp_path: Path) -> None:
+async def test_codex_tool_turn(codex: str, native: Harness, tmp_path: Path) -> None:
     """The mock calls Codex's first tool (exec_command) with placeholder arguments, which
     Codex cannot parse; it returns that error as the function_call_output.
 
     The bundled mock keeps asking for the tool (on the Responses API the newest user
     message is still the prompt) and Codex exec has no turn limit, so the key's spending
     cap is what ends the loop: 402 from the gateway, with everything before it billed."""
-    user_id, key_id, events = await _codex_tool_loop(native, tmp_path, "1")
+    user_id, key_id, events = await _codex_tool_loop(codex, native, tmp_path, "1")
     stats = native.mock.stats
     served = stats.requests["/v1/responses"]
     assert served >= 2
@@ -329,8 +340,8 @@ async def test_codex_tool_turn(native: Harness, tmp_path: Path) -> None:
     "gateway bug (timing dependent): in-process limits forget flushed spend until the next "
     "applied snapshot (Limiter.on_flushed lowers `unflushed` but not `db`), so a key "
     "making sequential requests overshoots its cap"))
-async def test_codex_tool_loop_stops_at_key_cap(native: Harness, tmp_path: Path) -> None:
+async def test_codex_tool_loop_stops_at_key_cap(codex: str, native: Harness, tmp_path: Path) -> None:
     """One request at a time, so the cap must hold exactly (DESIGN invariant 5)."""
-    user_id, key_id, _ = await _codex_tool_loop(native, tmp_path, "1")
+    user_id, key_id, _ = await _codex_tool_loop(codex, native, tmp_path, "1")
     _, spent = await _money(native, user_id, key_id)
     assert spent <= parse_usd("1")
