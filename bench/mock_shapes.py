@@ -272,9 +272,20 @@ def _last_user_text(body: dict[str, Any]) -> bytes:
     if isinstance(items, str):
         return items.encode()
     if isinstance(items, list):
+        # The newest turn decides, skipping system/developer notes: when it is a tool
+        # result (role "tool", a function_call_output item, or a user turn carrying
+        # tool_result blocks), the client is answering our tool call, so answer in text
+        # instead of asking for the tool again (a client would loop forever).
         for item in reversed(items):
-            if isinstance(item, dict) and item.get("role") == "user":
-                return orjson.dumps(item.get("content"))
+            if not isinstance(item, dict) or item.get("role") in ("system", "developer"):
+                continue
+            if item.get("role") != "user":
+                return b""
+            content = item.get("content")
+            if isinstance(content, list) and any(
+                    isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
+                return b""
+            return orjson.dumps(content)
     return b""
 
 

@@ -414,6 +414,12 @@ class Limiter:
                 if s is None:
                     continue
                 s.unflushed -= delta
+                if self.shared is None and s.db is not None:
+                    # The committed amount is now in Postgres; until the next snapshot
+                    # (which the worker skips when it overlaps a flush) the local copy of
+                    # the balance, -spent or remaining credit carries it, or the
+                    # limiter would count it neither as unflushed nor as spent.
+                    s.db -= delta
                 if self.shared is not None:
                     # Until a snapshot newer than this commit reaches Redis, the amount stays
                     # claimed by this worker, so no other worker can spend it twice.

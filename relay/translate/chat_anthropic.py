@@ -555,6 +555,12 @@ def anthropic_to_openai_chat_request(body: JSON, upstream_model: str) -> JSON:
                 out["tool_calls"] = calls
             if texts or calls:
                 out_msgs.append(out)
+        elif role == "system":
+            # Not in Anthropic's documented shape, but clients send it mid-conversation
+            # (Claude Code lists agents and skills this way): keep it where it stands.
+            text = _system_text(content)
+            if text:
+                out_msgs.append({"role": "system", "content": text})
         else:
             raise TranslationError(f"unknown role {role!r}", f"{param}.role")
 
