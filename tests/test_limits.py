@@ -335,3 +335,26 @@ def test_check_workers() -> None:
     msg = check_workers(LimitsConfig(), 4)
     assert msg is not None and "redis_url" in msg
     assert check_workers(dataclasses.replace(LimitsConfig(), redis_url="redis://x"), 4) is None
+
+
+def test_flushed_spend_still_counts_until_the_next_snapshot() -> None:
+    """The worker skips a snapshot read that overlaps a flush; until the next one, what the
+    ledger committed must still count against the cap and the balance (it left
+    `unflushed`, so it has to land in the local copy of the snapshot)."""
+    lim = limiter(balance=50)
+    k = key(cap_nano=100)
+    lim.apply_key_snapshot(k.id, 0)
+    spent = 0
+    for _ in range(20):  # sequential requests, each flushed before the next, no snapshot
+        lease = admit(lim, k, reserve=10)
+        if not isinstance(lease, Lease):
+            assert isinstance(lease, Denial) and lease.status == 402
+            break
+        lease.release(10, 1)
+        spent += 10
+        lim.on_flushed({k.user_id: 10}, {k.id: 10})
+    assert spent == 50  # the balance (50) binds before the cap (100); never more
+    # A later snapshot agreeing with Postgres changes nothing.
+    lim.apply_user_snapshot(k.user_id, 0)
+    lim.apply_key_snapshot(k.id, 50)
+    assert isinstance(admit(lim, k, reserve=10), Denial)
