@@ -455,3 +455,39 @@ async def test_backpressure_pauses_upstream(gw: Harness, key: str) -> None:
     assert gw.mock.stats.write_pauses >= 1
     assert gw.mock.stats.streams_completed == 0
     writer.transport.abort()
+
+
+async def test_price_change_mid_stream_keeps_the_admitted_price(gw: Harness, key: str,
+                                                                 http: aiohttp.ClientSession) -> None:
+    """DESIGN invariant 3: a request is priced with the version current at its admission."""
+    from accounting import pricing
+    from relay.config import Price
+
+    model = "gpt-price-change"
+    conn = await asyncpg.connect(gw.dsn)
+    try:
+        old = await pricing.set_price(conn, model, Price(input="1", output="2"), "test")
+        await asyncio.sleep(0.7)  # every worker sees it (0.5 s sync)
+
+        async def slow_stream() -> bytes:
+            body = {**CHAT, "model": model, "stream": True,
+                    "mock": {"chunks": 10, "delay_ms": 100, "input_tokens": 1000}}
+            return (await post(http, gw, "/v1/chat/completions", body,
+                               {**bearer(key), "x-request-id": "price-change-1"}))[2]
+
+        task = asyncio.create_task(slow_stream())
+        await asyncio.sleep(0.3)  # admitted, streaming
+        new = await pricing.set_price(conn, model, Price(input="100", output="200"), "test")
+        assert new.version > old.version
+        await asyncio.sleep(0.7)  # the worker has the new version before the stream ends
+        assert gw.worker.gw.pricebook.lookup(model).version == new.version
+        assert (await task).rstrip().endswith(b"data: [DONE]")
+        await gw.flush()
+        row = await conn.fetchrow("SELECT price_version, cost_nano, input_tokens, output_tokens"
+                                  " FROM usage_log WHERE client_request_id = 'price-change-1'")
+    finally:
+        await conn.close()
+    assert row["price_version"] == old.version
+    # 1,000 input at $1/M + 10 output at $2/M, exactly: 1,000,000 + 20,000 nano.
+    assert (row["input_tokens"], row["output_tokens"]) == (1000, 10)
+    assert row["cost_nano"] == 1_020_000
