@@ -658,7 +658,3 @@ def _retryable(ex: Exchange) -> bool:
     if ex.upstream_status:
         return ex.upstream_status == 429 or ex.upstream_status >= 500
     return isinstance(err, E.UpstreamError | E.UpstreamTimeout)
-
-
-def _is_channel_fault(ex: Exchange) -> bool:
-    return _retryable(ex)

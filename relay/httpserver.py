@@ -38,8 +38,6 @@ def status_line(status: int) -> bytes:
 
 log = logging.getLogger("tollway.http")
 
-HIGH_WATER = 64 * 1024
-LOW_WATER = 16 * 1024
 
 
 class Request:

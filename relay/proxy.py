@@ -14,7 +14,6 @@ client that did not ask; the SSE framer keeps that edit byte-exact around it.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -56,7 +55,7 @@ class Exchange:
     """One client request's trip to an upstream; the upstream connection's sink."""
 
     __slots__ = (
-        "_limits", "_watchdog", "aborted", "body_chunks", "bytes_out", "channel", "client", "done",
+        "_limits", "_watchdog", "aborted", "body_chunks", "bytes_out", "client", "done",
         "error", "error_body", "first_byte", "framer", "gw", "headers_out", "last_activity",
         "loop", "mode", "protocol", "route", "started", "status", "tap", "upstream",
         "upstream_status",
@@ -84,7 +83,6 @@ class Exchange:
         self.error_body: list[bytes] | None = None
         self.aborted = False  # the client went away
         self.upstream: UpstreamConnection | None = None
-        self.channel: Channel | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
         self._watchdog: asyncio.TimerHandle | None = None
         self._limits = (0.0, 0.0, 0.0, 0.0)
@@ -357,7 +355,3 @@ def inject_include_usage(raw: bytes) -> bytes:
     """Ask an OpenAI upstream for the usage chunk without re-serialising the body."""
     i = raw.find(b"{")
     return raw[: i + 1] + INCLUDE_USAGE + raw[i + 1 :]
-
-
-def now_unix() -> float:
-    return time.time()
