@@ -238,6 +238,9 @@ class UpstreamPool:
             except ValueError:
                 pass
 
+    def idle_count(self) -> int:
+        return sum(len(d) for d in self._idle.values())
+
     def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:
