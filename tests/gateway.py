@@ -111,5 +111,16 @@ class Harness:
         raise AssertionError("ledger did not drain")
 
 
+async def read_request(reader: Any) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 request (head, body by Content-Length) from an asyncio.StreamReader:
+    what a scripted upstream in a test needs before it answers."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
 def replace(cfg: Config, **kw: Any) -> Config:
     return dataclasses.replace(cfg, **kw)

@@ -16,7 +16,7 @@ import pytest
 from relay.config import ChannelConfig
 from relay.healthcheck import HealthChecker
 from relay.routing import Breaker, Router, channel_state
-from tests.gateway import Harness
+from tests.gateway import Harness, read_request
 
 CLOSED, OPEN, HALF = Breaker.CLOSED, Breaker.OPEN, Breaker.HALF_OPEN
 
@@ -258,12 +258,7 @@ class FlakyUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                await read_request(reader)
                 self.requests += 1
                 if self.healthy:
                     body = b'{"object":"list","data":[]}'

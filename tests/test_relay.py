@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.gateway import Harness
+from tests.gateway import Harness, read_request
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MSG = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
@@ -355,16 +355,7 @@ async def _scripted_upstream(pieces: list[bytes], head: bytes) -> tuple[asyncio.
     """An upstream that writes a fixed response in the given pieces, pausing between them."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await reader.read(65536)
-        head_end = data.index(b"\r\n\r\n") + 4
-        length = 0
-        for line in data[:head_end].split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        while len(data) - head_end < length:
-            data += await reader.read(65536)
+        await read_request(reader)
         writer.write(head)
         for p in pieces:
             writer.write(b"%x\r\n%s\r\n" % (len(p), p))

@@ -22,7 +22,7 @@ import pytest
 
 from accounting.pricing import cost_nano
 from accounting.records import Usage
-from tests.gateway import Harness
+from tests.gateway import Harness, read_request
 
 KEY_ENV = "TOLLWAY_TEST_UPSTREAM_KEY"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -54,12 +54,7 @@ class BadUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                await read_request(reader)
                 self.requests += 1
                 if self.mode == "hang":
                     if not await reader.read(1):

@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.gateway import Harness
+from tests.gateway import Harness, read_request
 
 UPSTREAM_CREDENTIAL = "upstream-secret-credential"  # what tests.gateway puts in the channel env
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,12 +162,7 @@ async def test_upstream_redirect_is_not_followed(pg_dsn: str, http: aiohttp.Clie
     async def redirector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                await read_request(reader)
                 writer.write(b"HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:%d/v1/chat/completions\r\n"
                              b"content-length: 0\r\n\r\n" % target_port)
                 await writer.drain()
