@@ -119,6 +119,7 @@ class Gateway:
         up = cfg.upstream
         self._timeouts = (up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
         self._reasoning = up.reasoning_models
+        self._reasoning_cache: dict[str, bool] = {}
         self._default_out = cfg.limits.default_max_output_tokens
         self._charge_zero_aborts = cfg.ledger.charge_zero_output_aborts
         self._trust_rid = cfg.server.trust_client_request_id
@@ -493,7 +494,13 @@ class Gateway:
         raise E.RateLimited("Rate limit state unavailable, retry shortly", retry_after=1)
 
     def _is_reasoning(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, p) for p in self._reasoning)
+        # Pattern matching per request showed in profiles; a model's class never changes.
+        hit = self._reasoning_cache.get(model)
+        if hit is None:
+            hit = any(fnmatch.fnmatchcase(model, p) for p in self._reasoning)
+            if len(self._reasoning_cache) < 10_000:  # bounded: model names come from clients
+                self._reasoning_cache[model] = hit
+        return hit
 
     @staticmethod
     def _upstream_body(raw: bytes, body: dict[str, Any], model: str, upstream_model: str,
