@@ -4,7 +4,7 @@ hourly upsert, aggregated balance/key charges).
 
     .venv/bin/python bench/ledger_bench.py [--dsn postgresql://postgres@127.0.0.1:5432/test]
         [--rows 500000] [--flush-rows 5000] [--max-batch-factor 16] [--users 1000]
-        [--keys-per-user 2] [--burst 32] [--async-commit]
+        [--keys-per-user 2] [--burst 32] [--async-commit] [--connections 2]
 
 record() is measured three ways: memory only; writing each row to the journal at
 once (no event loop: what a script or the crash test sees); and deferred, as in a
@@ -91,12 +91,12 @@ async def bench_record_deferred(rows: list[UsageRecord], journal_dir: str, burst
 
 
 async def bench_flush(dsn: str, rows: list[UsageRecord], flush_rows: int, jdir: str,
-                      factor: int) -> tuple[float, Flusher]:
+                      factor: int, connections: int) -> tuple[float, Flusher]:
     ledger = Ledger(Journal(jdir), max_pending_rows=len(rows) + 1, flush_rows=flush_rows)
     for r in rows:
         ledger.record(r)
     flusher = Flusher(ledger, dsn, flush_interval_ms=1, flush_rows=flush_rows,
-                      max_batch_factor=factor)
+                      max_batch_factor=factor, connections=connections)
     t0 = time.perf_counter()
     flusher.start()
     ok = await flusher.stop(timeout=600)
@@ -115,6 +115,8 @@ async def main() -> None:
     ap.add_argument("--max-batch-factor", type=int, default=16)
     ap.add_argument("--burst", type=int, default=32)
     ap.add_argument("--async-commit", action="store_true")
+    ap.add_argument("--connections", type=int, default=2,
+                    help="flusher connections for catch-up batches (ledger.flush_connections)")
     args = ap.parse_args()
 
     db = f"tollway_bench_{secrets.token_hex(4)}"
@@ -147,9 +149,11 @@ async def main() -> None:
 
             rows = make_rows(args.rows, accounts)
             fdsn = dsn + ("?synchronous_commit=off" if args.async_commit else "")
-            dt, flusher = await bench_flush(fdsn, rows, args.flush_rows, tmp, args.max_batch_factor)
+            dt, flusher = await bench_flush(fdsn, rows, args.flush_rows, tmp, args.max_batch_factor,
+                                             args.connections)
             print(f"flusher: {len(rows)} rows in {dt:.2f} s = {len(rows) / dt:,.0f} rows/s"
                   f" (batch {args.flush_rows} x{args.max_batch_factor},"
+                  f" {args.connections} connection(s),"
                   f"{' synchronous_commit=off,' if args.async_commit else ''}"
                   f" {flusher.flushes} transactions,"
                   f" last batch {flusher.last_flush_s * 1000:.1f} ms,"

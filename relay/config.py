@@ -69,6 +69,9 @@ class LedgerConfig:
     max_pending_rows: int = 200_000  # beyond this, settled rows wait in the journal only
     journal_dir: str = ""  # empty: <data_dir>/journal
     journal_fsync_ms: int = 50
+    # A catch-up batch (more than flush_rows waiting) is split over this many connections,
+    # each part its own transaction, so the inserts run on several Postgres backends.
+    flush_connections: int = 2
     retention_days: int = 90
     charge_zero_output_aborts: bool = False
 

@@ -434,3 +434,56 @@ async def test_charges_move_the_user_feed_but_not_the_key_feed(pg: asyncpg.Conne
     assert await spent(pg, kid) == 500
     await pg.execute("UPDATE keys SET spent_nano = 0 WHERE id = $1", kid)  # an operator's reset
     assert await pg.fetchval("SELECT version FROM keys WHERE id = $1", kid) > key_v
+
+
+async def test_catch_up_batch_is_split_by_user_over_two_connections_and_charged_once(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A backlog larger than flush_rows is written as per-user parts on two connections.
+    Rows that one part committed before a failure (here: logged beforehand, as a retry
+    after a lost part would find them) are found logged and charged nothing."""
+    rng = random.Random(11)
+    accounts = [await make_account(pg, balance=10**12, keys=2) for _ in range(6)]
+    rows = []
+    for _ in range(4000):
+        uid, kids = rng.choice(accounts)
+        rows.append(rec(uid, rng.choice(kids), rng.randrange(1, 10**6)))
+    # One user's rows were committed by an earlier attempt of the same batch.
+    first_uid = accounts[0][0]
+    earlier = [r for r in rows if r.user_id == first_uid]
+    await prepare_stage(pg)
+    res = await write_batch(pg, earlier)
+    assert res.inserted == len(earlier) > 0
+    seen: dict[int, int] = {}
+
+    def on_flushed(users: dict[int, int], keys: dict[int, int]) -> None:
+        for k, v in users.items():
+            seen[k] = seen.get(k, 0) + v
+
+    ledger = Ledger(Journal(tmp_path), flush_rows=500)
+    for r in rows:
+        ledger.record(r)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=500,
+                      max_batch_factor=16, connections=2, on_flushed=on_flushed)
+    parts = flusher._split(rows)
+    assert len(parts) == 2 and sum(map(len, parts)) == len(rows)
+    assert not {r.user_id for r in parts[0]} & {r.user_id for r in parts[1]}
+    assert flusher._split(rows[:500]) == [rows[:500]]  # steady traffic: one transaction
+    flusher.start()
+    assert await flusher.stop(timeout=60)
+    assert flusher.flushed_rows == len(rows) - len(earlier)
+    assert flusher.duplicate_rows == len(earlier)
+    ids = [r.request_id for r in rows]
+    assert await pg.fetchval(
+        "SELECT count(*) FROM usage_log WHERE request_id = ANY($1)", ids) == len(rows)
+    for uid, kids in accounts:
+        mine = sum(r.cost_nano for r in rows if r.user_id == uid)
+        assert await balance(pg, uid) == 10**12 - mine
+        if uid != first_uid:
+            assert seen[uid] == mine
+        for kid in kids:
+            assert await spent(pg, kid) == sum(r.cost_nano for r in rows if r.key_id == kid)
+    assert first_uid not in seen  # charged by the earlier attempt, not again
+    assert await pg.fetchval(
+        "SELECT sum(requests) FROM usage_hourly WHERE user_id = ANY($1)",
+        [a[0] for a in accounts]) == len(rows)
