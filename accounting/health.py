@@ -4,9 +4,11 @@ rate, spend, cache-hit rate, average latency and time to first byte, last reques
 Read-only queries over the aggregates the flusher keeps (007_scale.sql), so a health
 view never scans the request log and stays fast on tens of millions of rows:
 narrowed to a user or key, `usage_hourly` through its user / key index; by group or
-model, `usage_hourly_models`; by user or key across everyone, `usage_daily` for the
-whole UTC days of the window and `usage_hourly` for the partial days at its ends. A
-window is widened to whole hours, the aggregates' grain. This module never writes.
+model, `usage_hourly_models`; by user or key across everyone, `usage_daily_keys` for
+the whole UTC days of the window and `usage_hourly_keys` for the partial days at its
+ends (008_views.sql: per key, without the model; `usage_daily` / `usage_hourly` when
+also narrowed by model). A window is widened to whole hours, the aggregates' grain.
+This module never writes.
 """
 
 from __future__ import annotations
@@ -56,25 +58,31 @@ _MEASURES = ("requests, errors, input_tokens, output_tokens, cache_read_tokens,"
              " cache_write_tokens, cost_nano, latency_ms_sum, ttfb_ms_sum, last_at")
 
 
-def _source(by: str, start: datetime, end: datetime, narrowed: bool,
+def _source(by: str, start: datetime, end: datetime, narrowed: bool, model: str | None,
             args: list[Any]) -> tuple[str, list[str]]:
     """FROM clause (aliased h) and its time conditions for a window [start, end)."""
     if narrowed:
         return "usage_hourly h", ["h.hour >= $1", "h.hour < $2"]
     if by in ("group", "model"):
         return "usage_hourly_models h", ["h.hour >= $1", "h.hour < $2"]
+    # By user or key across everyone: without a model filter, the per-key aggregates
+    # (008_views.sql), one row per key and hour or day instead of one per key, model
+    # and hour or day.
+    hourly, daily, cols = (("usage_hourly", "usage_daily", "user_id, key_id, group_name, model")
+                           if model is not None else
+                           ("usage_hourly_keys", "usage_daily_keys", "user_id, key_id, group_name"))
     d0 = _day_floor(start)
     if d0 < start:
         d0 += timedelta(days=1)
     d1 = _day_floor(end)
     if d1 <= d0:
-        return "usage_hourly h", ["h.hour >= $1", "h.hour < $2"]
+        return f"{hourly} h", ["h.hour >= $1", "h.hour < $2"]
     args += [d0, d1]
-    cols = f"user_id, key_id, group_name, model, {_MEASURES}"
+    cols = f"{cols}, {_MEASURES}"
     n0, n1 = len(args) - 1, len(args)
-    return (f"(SELECT {cols} FROM usage_hourly"
+    return (f"(SELECT {cols} FROM {hourly}"
             f" WHERE (hour >= $1 AND hour < ${n0}) OR (hour >= ${n1} AND hour < $2)"
-            f" UNION ALL SELECT {cols} FROM usage_daily WHERE day >= ${n0} AND day < ${n1}) h"), []
+            f" UNION ALL SELECT {cols} FROM {daily} WHERE day >= ${n0} AND day < ${n1}) h"), []
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -99,7 +107,8 @@ async def health(
     col, join, name = BY[by]
     start = hour_floor(start)
     args: list[Any] = [start, end]
-    source, where = _source(by, start, end, user_id is not None or key_id is not None, args)
+    source, where = _source(by, start, end, user_id is not None or key_id is not None,
+                            model, args)
     for column, value in (("h.user_id", user_id), ("h.key_id", key_id),
                           ("h.group_name", group), ("h.model", model)):
         if value is not None:
