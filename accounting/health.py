@@ -7,8 +7,8 @@ narrowed to a user or key, `usage_hourly` through its user / key index; by group
 model, `usage_hourly_models`; by user or key across everyone, `usage_daily_keys` for
 the whole UTC days of the window and `usage_hourly_keys` for the partial days at its
 ends (008_views.sql: per key, without the model; `usage_daily` / `usage_hourly` when
-also narrowed by model). A window is widened to whole hours, the aggregates' grain.
-This module never writes.
+also narrowed by model). A window is widened to whole hours, the aggregates' grain, and
+one longer than two days to whole UTC days. This module never writes.
 """
 
 from __future__ import annotations
@@ -77,12 +77,21 @@ def _source(by: str, start: datetime, end: datetime, narrowed: bool, model: str 
     d1 = _day_floor(end)
     if d1 <= d0:
         return f"{hourly} h", ["h.hour >= $1", "h.hour < $2"]
+    if (d0, d1) == (start, end):  # whole days (a window longer than WHOLE_DAYS_PAST)
+        return f"{daily} h", ["h.day >= $1", "h.day < $2"]
     args += [d0, d1]
     cols = f"{cols}, {_MEASURES}"
     n0, n1 = len(args) - 1, len(args)
     return (f"(SELECT {cols} FROM {hourly}"
             f" WHERE (hour >= $1 AND hour < ${n0}) OR (hour >= ${n1} AND hour < $2)"
             f" UNION ALL SELECT {cols} FROM {daily} WHERE day >= ${n0} AND day < ${n1}) h"), []
+
+
+# A window longer than this is widened to whole UTC days: from 00:00 UTC of its first
+# day to 00:00 UTC after its last. Summing the partial days at both ends from the hourly
+# aggregates read up to two days of per-hour rows (5,000 busy keys: ~240k rows) to
+# refine a 7-day figure by hours; whole days read one row per key and day.
+WHOLE_DAYS_PAST = timedelta(days=2)
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -101,10 +110,17 @@ async def health(
     group: str | None = None,
     model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per group (or user, key, model) with traffic in [start, end), busiest first."""
+    """One row per group (or user, key, model) with traffic in [start, end), busiest first.
+
+    The window is widened to whole hours, and when longer than two days
+    (WHOLE_DAYS_PAST) to whole UTC days.
+    """
     if by not in BY:
         raise ValueError(f"by: expected one of {', '.join(BY)}, got {by!r}")
     col, join, name = BY[by]
+    if end - start > WHOLE_DAYS_PAST:
+        start, last = _day_floor(start), _day_floor(end)
+        end = last if last == end else last + timedelta(days=1)
     start = hour_floor(start)
     args: list[Any] = [start, end]
     source, where = _source(by, start, end, user_id is not None or key_id is not None,

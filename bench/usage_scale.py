@@ -12,7 +12,8 @@ generate_series, no rows cross the wire): one standalone table per UTC day, fill
 and indexed on two connections in parallel, then attached as the day's partition
 (Postgres adopts the matching indexes, and a CHECK constraint equal to the bound
 spares the validation scan). usage_hourly is built from each day with the flusher's
-own aggregation (accounting.ledger.hourly_rollup_sql). Then VACUUM ANALYZE, and each
+own aggregation (accounting.ledger.rollup_sql), and with it the other aggregates
+(usage_daily, usage_hourly_models, usage_hourly_keys, usage_daily_keys). Then VACUUM ANALYZE, and each
 query path runs once to warm up and `--runs` times timed, through the same functions
 the admin API and the key-holder API call.
 
@@ -192,7 +193,8 @@ async def vacuum(dsn: str) -> None:
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
         " WHERE i.inhparent = 'usage_log'::regclass ORDER BY 1")]
     await conn.close()
-    todo = [*parts, "usage_hourly", "users", "keys"]
+    todo = [*parts, "usage_hourly", "usage_daily", "usage_hourly_models", "usage_hourly_keys",
+            "usage_daily_keys", "users", "keys"]
 
     async def worker() -> None:
         c = await asyncpg.connect(dsn, command_timeout=3600)

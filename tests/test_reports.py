@@ -146,8 +146,9 @@ async def test_rollups_add_up_to_the_hourly_aggregate(pg: asyncpg.Connection) ->
         assert (got["n"], got["e"], got["c"]) == (
             len(rows), sum(r.status >= 400 for r in rows), sum(r.cost_nano for r in rows)), table
 
-    start = now - timedelta(days=2, hours=5)  # mid-day: partial days at both ends
-    inside = [r for r in rows if r.ts >= start.replace(minute=0, second=0, microsecond=0).timestamp()]
+    # Longer than two days: widened to whole UTC days (health.WHOLE_DAYS_PAST).
+    start = now - timedelta(days=2, hours=5)
+    inside = [r for r in rows if r.ts >= start.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()]
     by_key = await health.health(pg, start, now + timedelta(hours=1), "key", group=group)
     assert {d["key_id"]: d["requests"] for d in by_key} == {
         k: sum(r.key_id == k for r in inside) for k in (k1, k2, k3)}

@@ -51,13 +51,18 @@ async def test_key_aggregates_add_up_to_the_log(pg: asyncpg.Connection) -> None:
 
 
 async def test_health_by_key_and_user_equals_the_per_model_path(pg: asyncpg.Connection) -> None:
-    group, _, _, _ = await _rows(pg)
+    group, rows, _, _ = await _rows(pg)
     now = datetime.now(UTC)
-    for start in (now - timedelta(hours=20), now - timedelta(days=2, hours=5)):
+    # Hours only; partial days at both ends around whole ones; past two days, whole days.
+    for start in (now - timedelta(hours=20), now - timedelta(hours=47),
+                  now - timedelta(days=2, hours=5)):
         end = now + timedelta(hours=1)
+        lo = (start.replace(hour=0) if end - start > health.WHOLE_DAYS_PAST else start).replace(
+            minute=0, second=0, microsecond=0).timestamp()
         for by in ("key", "user"):
             new = await health.health(pg, start, end, by, group=group)
-            assert new
+            assert {d[f"{by}_id"]: d["requests"] for d in new} == Counter(
+                getattr(r, f"{by}_id") for r in rows if r.ts >= lo)
             # The model-narrowed view still reads usage_hourly / usage_daily: the per-key
             # figures are the sums of the per-model ones.
             old: dict[int, Counter[str]] = {}
