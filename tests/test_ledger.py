@@ -487,3 +487,50 @@ async def test_catch_up_batch_is_split_by_user_over_two_connections_and_charged_
     assert await pg.fetchval(
         "SELECT sum(requests) FROM usage_hourly WHERE user_id = ANY($1)",
         [a[0] for a in accounts]) == len(rows)
+
+
+async def test_a_failed_part_is_written_again_and_the_committed_part_is_not_charged_twice(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """One part of a split batch fails (its user row is locked past lock_timeout) while
+    the other commits: the commit is reported at once, the whole batch is written again
+    once the lock goes, and every row is logged and charged exactly once."""
+    a_uid, (a_kid,) = await make_account(pg, balance=10**12)
+    b_uid, (b_kid,) = await make_account(pg, balance=10**12)
+    if a_uid % 2 == b_uid % 2:  # the two must land in different parts
+        b_uid, (b_kid,) = await make_account(pg, balance=10**12)
+    rows = [rec(*(a_uid, a_kid) if i % 2 else (b_uid, b_kid), 1000 + i) for i in range(1200)]
+    seen: dict[int, int] = {}
+
+    def on_flushed(users: dict[int, int], keys: dict[int, int]) -> None:
+        for k, v in users.items():
+            seen[k] = seen.get(k, 0) + v
+
+    ledger = Ledger(Journal(tmp_path), flush_rows=300)
+    for r in rows:
+        ledger.record(r)
+    sep = "&" if "?" in pg_dsn else "?"
+    flusher = Flusher(ledger, f"{pg_dsn}{sep}lock_timeout=300", flush_interval_ms=10,
+                      flush_rows=300, connections=2, on_flushed=on_flushed,
+                      max_backoff_s=0.2)
+    locker = await asyncpg.connect(pg_dsn)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", a_uid)
+        flusher.start()
+        want_b = sum(r.cost_nano for r in rows if r.user_id == b_uid)
+        await until(lambda: flusher.failures >= 1 and seen.get(b_uid) == want_b)
+        assert a_uid not in seen and ledger.backlog == len(rows)  # nothing let go yet
+        await tx.rollback()
+    finally:
+        await locker.close()
+    assert await flusher.stop(timeout=30)
+    want_a = sum(r.cost_nano for r in rows if r.user_id == a_uid)
+    assert seen == {a_uid: want_a, b_uid: want_b}
+    assert flusher.flushed_rows == len(rows)
+    assert await balance(pg, a_uid) == 10**12 - want_a
+    assert await balance(pg, b_uid) == 10**12 - want_b
+    assert await spent(pg, a_kid) == want_a and await spent(pg, b_kid) == want_b
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)",
+                             [r.request_id for r in rows]) == len(rows)
