@@ -99,6 +99,15 @@ def _rate(num: int, den: int) -> float | None:
     return None if den <= 0 else round(num / den, 4)
 
 
+def widened(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The window [start, end) a health view actually covers: whole hours, and whole UTC
+    days when longer than WHOLE_DAYS_PAST (the admin API reports this one)."""
+    if end - start > WHOLE_DAYS_PAST:
+        start, last = _day_floor(start), _day_floor(end)
+        end = last if last == end else last + timedelta(days=1)
+    return hour_floor(start), end
+
+
 async def health(
     conn: asyncpg.Connection,
     start: datetime,
@@ -118,10 +127,7 @@ async def health(
     if by not in BY:
         raise ValueError(f"by: expected one of {', '.join(BY)}, got {by!r}")
     col, join, name = BY[by]
-    if end - start > WHOLE_DAYS_PAST:
-        start, last = _day_floor(start), _day_floor(end)
-        end = last if last == end else last + timedelta(days=1)
-    start = hour_floor(start)
+    start, end = widened(start, end)
     args: list[Any] = [start, end]
     source, where = _source(by, start, end, user_id is not None or key_id is not None,
                             model, args)

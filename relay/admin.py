@@ -1095,7 +1095,8 @@ class Admin:
         async with self.read() as conn:
             f = await self._usage_filters(conn, q)
             rows = await health.health(conn, start, end, by, model=q.get("model") or None, **f)
-        return {"start": health.hour_floor(start), "end": end, "by": by,
+        start, end = health.widened(start, end)  # the window the figures cover
+        return {"start": start, "end": end, "by": by,
                 "data": [_with_usd(r, "cost_nano") for r in rows]}
 
 

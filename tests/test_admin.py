@@ -172,6 +172,10 @@ async def test_user_key_request_usage_views(gw: Harness, http: aiohttp.ClientSes
         assert h["cost_nano"] == row["cost_nano"] and h["cache_hit_rate"] == 0.0
         assert h["avg_latency_ms"] is not None and h["last_at"]
     assert (await a.get("/admin/v1/health?by=user&user=acme"))["data"][0]["user_name"] == "acme"
+    week = await a.get(f"/admin/v1/health?by=key&user={uid}&window=7d")
+    # A window longer than two days covers whole UTC days, and says so.
+    assert week["start"].endswith("T00:00:00+00:00") and week["end"].endswith("T00:00:00+00:00")
+    assert week["data"][0]["requests"] == 2
     await a.call("GET", "/admin/v1/health?by=planet", ok=400)
     await a.call("GET", "/admin/v1/usage/series?start=yesterday", ok=400)
 
