@@ -578,6 +578,7 @@ class Flusher:
         # Connection 0 writes every batch; the others join in for catch-up batches.
         self._parts = max(connections, 1)
         self._conns: list[asyncpg.Connection | None] = [None] * self._parts
+        self._single_until = 0.0  # after a failed extra connection: one part until then
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -792,7 +793,7 @@ class Flusher:
         the cheaper in CPU there. A batch from one user alone stays one part.
         """
         n = self._parts
-        if n == 1 or len(batch) <= self._flush_rows:
+        if n == 1 or len(batch) <= self._flush_rows or time.monotonic() < self._single_until:
             return [batch]
         parts: list[list[UsageRecord]] = [[] for _ in range(n)]
         for rec in batch:
@@ -814,10 +815,20 @@ class Flusher:
         bad: list[tuple[UsageRecord, str]] = []
         error: BaseException | None = None
         results: list[FlushResult] = []
+        conns = [await self._connection()]
+        if len(parts) > 1:
+            try:
+                conns += [await self._connection(i) for i in range(1, len(parts))]
+            except _CONNECTION_ERRORS as exc:
+                # No room for another connection (max_connections, a pooler's limit):
+                # the batch goes on the one that works rather than waiting for a second.
+                log.warning("ledger: flushing on one connection for a minute, another"
+                            " failed: %s", exc)
+                self._single_until = time.monotonic() + 60
+                parts = [batch]
         if len(parts) == 1:
-            results = await self._write_isolating(await self._connection(), batch, bad)
+            results = await self._write_isolating(conns[0], batch, bad)
         else:
-            conns = [await self._connection(i) for i in range(len(parts))]
             outcomes = await asyncio.gather(
                 *(self._write_isolating(c, p, bad) for c, p in zip(conns, parts, strict=True)),
                 return_exceptions=True)

@@ -534,3 +534,34 @@ async def test_a_failed_part_is_written_again_and_the_committed_part_is_not_char
     assert await spent(pg, a_kid) == want_a and await spent(pg, b_kid) == want_b
     assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = ANY($1)",
                              [r.request_id for r in rows]) == len(rows)
+
+
+async def test_no_room_for_a_second_connection_flushes_the_catch_up_on_one(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A role limited to one connection (as max_connections or a pooler would): the
+    catch-up batch goes through the one connection instead of failing forever."""
+    role = f"tollway_one_{uuid.uuid4().hex[:8]}"
+    await pg.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER CONNECTION LIMIT 1")
+    try:
+        for what in ("TABLES", "SEQUENCES"):
+            await pg.execute(f"GRANT ALL ON ALL {what} IN SCHEMA public TO {role}")
+        uids = [(await make_account(pg, balance=10**12)) for _ in range(4)]
+        rows = [rec(uid, kids[0], 10 + i) for i in range(1000) for uid, kids in [uids[i % 4]]]
+        ledger = Ledger(Journal(tmp_path), flush_rows=200)
+        for r in rows:
+            ledger.record(r)
+        scheme, _, rest = pg_dsn.partition("://")
+        dsn = f"{scheme}://{role}@{rest.rpartition('@')[2]}"
+        flusher = Flusher(ledger, dsn, flush_interval_ms=10, flush_rows=200, connections=2)
+        assert len(flusher._split(rows)) == 2
+        flusher.start()
+        assert await flusher.stop(timeout=30)
+        assert flusher.flushed_rows == len(rows) and flusher.failures == 0
+        assert len(flusher._split(rows)) == 1  # and it stays on one for a while
+        for uid, _ in uids:
+            assert await balance(pg, uid) == 10**12 - sum(
+                r.cost_nano for r in rows if r.user_id == uid)
+    finally:
+        await pg.execute(f"DROP OWNED BY {role}")
+        await pg.execute(f"DROP ROLE {role}")
