@@ -431,15 +431,21 @@ async def _user(sp: ServeProcess, name: str) -> tuple[int, str]:
 
 async def test_sigterm_under_load_finishes_streams_and_exits_0(serve_env: Any, pg_dsn: str,
                                                                 http: aiohttp.ClientSession) -> None:
-    make, _ = serve_env
+    make, mock = serve_env
     sp = make({"flush_interval_ms": 100})
     user_id, key = await _user(sp, f"sigterm_{os.getpid()}_{time.monotonic_ns()}")
     await sp.start()
     url = f"http://127.0.0.1:{sp.port}"
     rids = [f"term-{i}" for i in range(60)]
     body = chat(stream=True, mock={"chunks": 20, "delay_ms": 50, "input_tokens": 100})
+    mock.stats.reset()
     load = asyncio.gather(*(fire(http, url, key, body, r) for r in rids))
-    await asyncio.sleep(0.4)  # every stream has started and is about half-way
+    # SIGTERM once every request is in flight (a fixed sleep raced with a loaded host:
+    # a request not yet accepted when the listener closes is refused, as it should be).
+    deadline = time.monotonic() + 15
+    while mock.stats.streams_started < len(rids):
+        assert time.monotonic() < deadline, mock.stats.streams_started
+        await asyncio.sleep(0.01)
     assert sp.proc is not None
     sp.proc.send_signal(signal.SIGTERM)
     got = await load
