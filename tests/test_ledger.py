@@ -79,6 +79,19 @@ async def balance(pg: asyncpg.Connection, uid: int) -> int:
     return int(await pg.fetchval("SELECT balance_nano FROM users WHERE id = $1", uid))
 
 
+class Flushed:
+    """An `on_flushed` callback that sums what the flusher reports, per user and per key."""
+
+    def __init__(self) -> None:
+        self.users: dict[int, int] = {}
+        self.keys: dict[int, int] = {}
+
+    def __call__(self, users: dict[int, int], keys: dict[int, int]) -> None:
+        for seen, got in ((self.users, users), (self.keys, keys)):
+            for k, v in got.items():
+                seen[k] = seen.get(k, 0) + v
+
+
 async def spent(pg: asyncpg.Connection, kid: int) -> int:
     return int(await pg.fetchval("SELECT spent_nano FROM keys WHERE id = $1", kid))
 
@@ -110,15 +123,7 @@ async def test_aggregated_deltas_are_exact(pg: asyncpg.Connection, pg_dsn: str, 
         uid, kids = rng.choice(accounts)
         rows.append(rec(uid, rng.choice(kids), rng.randrange(0, 10**7),
                         plan_id=rng.choice([0, 0, 0, 9]), status=rng.choice([200, 200, 502])))
-    seen_users: dict[int, int] = {}
-    seen_keys: dict[int, int] = {}
-
-    def on_flushed(users: dict[int, int], keys: dict[int, int]) -> None:
-        for k, v in users.items():
-            seen_users[k] = seen_users.get(k, 0) + v
-        for k, v in keys.items():
-            seen_keys[k] = seen_keys.get(k, 0) + v
-
+    on_flushed = Flushed()
     ledger = Ledger(Journal(tmp_path), flush_rows=700)
     flusher = Flusher(ledger, pg_dsn, flush_interval_ms=20,
                       flush_rows=700, on_flushed=on_flushed)
@@ -132,7 +137,7 @@ async def test_aggregated_deltas_are_exact(pg: asyncpg.Connection, pg_dsn: str, 
         if r.plan_id == 0:
             want_users[r.user_id] = want_users.get(r.user_id, 0) + r.cost_nano
         want_keys[r.key_id] = want_keys.get(r.key_id, 0) + r.cost_nano
-    assert seen_users == want_users and seen_keys == want_keys
+    assert on_flushed.users == want_users and on_flushed.keys == want_keys
     for uid, kids in accounts:
         assert await balance(pg, uid) == 5 * 10**9 - want_users.get(uid, 0)
         for kid in kids:
@@ -454,12 +459,8 @@ async def test_catch_up_batch_is_split_by_user_over_two_connections_and_charged_
     await prepare_stage(pg)
     res = await write_batch(pg, earlier)
     assert res.inserted == len(earlier) > 0
-    seen: dict[int, int] = {}
-
-    def on_flushed(users: dict[int, int], keys: dict[int, int]) -> None:
-        for k, v in users.items():
-            seen[k] = seen.get(k, 0) + v
-
+    on_flushed = Flushed()
+    seen = on_flushed.users
     ledger = Ledger(Journal(tmp_path), flush_rows=500)
     for r in rows:
         ledger.record(r)
@@ -500,12 +501,8 @@ async def test_a_failed_part_is_written_again_and_the_committed_part_is_not_char
     if a_uid % 2 == b_uid % 2:  # the two must land in different parts
         b_uid, (b_kid,) = await make_account(pg, balance=10**12)
     rows = [rec(*(a_uid, a_kid) if i % 2 else (b_uid, b_kid), 1000 + i) for i in range(1200)]
-    seen: dict[int, int] = {}
-
-    def on_flushed(users: dict[int, int], keys: dict[int, int]) -> None:
-        for k, v in users.items():
-            seen[k] = seen.get(k, 0) + v
-
+    on_flushed = Flushed()
+    seen = on_flushed.users
     ledger = Ledger(Journal(tmp_path), flush_rows=300)
     for r in rows:
         ledger.record(r)
