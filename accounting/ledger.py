@@ -7,9 +7,9 @@ talks to Postgres. `Flusher` is the only thing that does: every `flush_interval_
 (or sooner when `flush_rows` are pending) it moves a batch into Postgres in one
 transaction:
 
-1. check the rows' types (fixing a missing text field, refusing a wrong number) and
-   drop rows already in `usage_log` (one indexed lookup): replays and retries never
-   charge twice;
+1. check the rows' types (fixing a missing text field, refusing a wrong number) and,
+   unless no row of the batch has been in a transaction before, drop rows already in
+   `usage_log` (one indexed lookup): replays and retries never charge twice;
 2. COPY the rest into a temp table and INSERT them into `usage_log` (if another
    flusher commits one of them meanwhile, the batch is redone with ON CONFLICT DO
    NOTHING);
@@ -434,6 +434,9 @@ class FlushResult:
     # Records refused before COPY (wrong types, impossible time), with the reason:
     # not written; the flusher sets them aside in the dead-letter file.
     rejected: list[tuple[UsageRecord, str]] = field(default_factory=list)
+    # The fast insert hit a row logged meanwhile (or twice in the batch) and the batch
+    # went through the slow path: rare, and counted so a rise shows.
+    raced: bool = False
 
 
 async def prepare(conn: asyncpg.Connection) -> None:
@@ -441,8 +444,16 @@ async def prepare(conn: asyncpg.Connection) -> None:
     await conn.execute(_CREATE_STAGE)
 
 
-async def write_batch(conn: asyncpg.Connection, batch: list[UsageRecord]) -> FlushResult:
+async def write_batch(
+    conn: asyncpg.Connection, batch: list[UsageRecord], *, fresh: bool = False
+) -> FlushResult:
     """Write `batch` in one transaction; only rows not already logged are charged.
+
+    `fresh` says no row of the batch has been part of a transaction before (the
+    flusher knows: rows recorded by this process and never tried), so none can be
+    logged yet and the existing-row check is skipped (bench/RESULTS.md, "Ledger",
+    round 5). Correctness never rests on it: a row that is there after all stops the
+    insert at the unique index, and the batch goes through the slow path.
 
     Raises on a database error (the transaction is rolled back, nothing is charged);
     a data error names no row, which is why the flusher bisects.
@@ -452,25 +463,28 @@ async def write_batch(conn: asyncpg.Connection, batch: list[UsageRecord]) -> Flu
         return FlushResult(0, {}, {}, {}, rejected)
     try:
         async with conn.transaction():
-            ids = [t[0] for t in rows]
-            times = [t[1] for t in rows]
-            logged = await conn.fetch(_EXISTING, ids, min(times), max(times))
-            fresh = rows
+            logged = None
+            if not fresh:
+                ids = [t[0] for t in rows]
+                times = [t[1] for t in rows]
+                logged = await conn.fetch(_EXISTING, ids, min(times), max(times))
+            new = rows
             if logged:
                 old = {(r[0], r[1]) for r in logged}
                 known = {r[0] for r in logged}
-                fresh = [t for t in rows
-                         if t[0] not in known or (t[0], pg_timestamp(t[1])) not in old]
-            if fresh:
-                await conn.copy_records_to_table(_STAGE, records=fresh, columns=_COLUMNS)
+                new = [t for t in rows
+                       if t[0] not in known or (t[0], pg_timestamp(t[1])) not in old]
+            if new:
+                await conn.copy_records_to_table(_STAGE, records=new, columns=_COLUMNS)
                 await conn.execute(_INSERT_STAGED)
-            res = await _account(conn, len(fresh))
+            res = await _account(conn, len(new))
     except asyncpg.UniqueViolationError:
         # Logged meanwhile by another flusher, or the same row twice in this batch.
         rows = list({(t[0], t[1]): t for t in rows}.values())
         async with conn.transaction():
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_COLUMNS)
             res = await _account(conn, await conn.fetchval(_INSERT_STAGED_IDEMPOTENT))
+        res.raced = True
     res.rejected = rejected
     return res
 
@@ -585,12 +599,16 @@ class Flusher:
         self._fsync_task: asyncio.Task[None] | None = None
         self._dead: list[DeadSegment] = []
         self._dead_done = 0  # rows of self._dead[0] already committed
+        # Pending rows with a journal seq below this have been part of a transaction
+        # that did not report success: they may be logged, so their batch is checked.
+        self._tried_seq = 0
         self._maintained_at = 0.0
         # stats (read by /metrics)
         self.flushed_rows = 0  # newly inserted rows
         self.duplicate_rows = 0  # rows already in Postgres (replays, retries)
         self.deadletter_rows = 0  # rows set aside as unwritable
         self.sanitized_rows = 0  # rows written with their text made storable
+        self.raced_batches = 0  # batches redone on a unique violation (write_batch)
         self.flushes = 0
         self.failures = 0
         self.last_flush_s = 0.0
@@ -618,6 +636,7 @@ class Flusher:
             "duplicate_rows_total": self.duplicate_rows,
             "deadletter_rows_total": self.deadletter_rows,
             "sanitized_rows_total": self.sanitized_rows,
+            "raced_batches_total": self.raced_batches,
             "flushes_total": self.flushes,
             "flush_failures_total": self.failures,
             "last_flush_seconds": self.last_flush_s,
@@ -777,7 +796,9 @@ class Flusher:
             if not ledger.pending:
                 return
             batch = ledger.pending[:size]
-            await self._flush(batch)
+            fresh = ledger.head_seq >= self._tried_seq
+            self._tried_seq = ledger.head_seq + len(batch)
+            await self._flush(batch, fresh=fresh)
             ledger.committed(len(batch))
 
     def _split(self, batch: list[UsageRecord]) -> list[list[UsageRecord]]:
@@ -801,7 +822,7 @@ class Flusher:
             parts[uid % n if type(uid) is int else 0].append(rec)
         return [p for p in parts if p]
 
-    async def _flush(self, batch: list[UsageRecord]) -> None:
+    async def _flush(self, batch: list[UsageRecord], *, fresh: bool = False) -> None:
         """Commit `batch` (bisecting around bad rows); return once every row is either
         in Postgres or in the dead-letter file.
 
@@ -809,6 +830,7 @@ class Flusher:
         others' commits stand and are reported (on_flushed) before the error is raised;
         the caller keeps the whole batch and writes it again, and the committed rows are
         then found logged already and charged nothing (write_batch's existing-row check).
+        `fresh`: no row of `batch` has been in a transaction before (see write_batch).
         """
         parts = self._split(batch)
         t0 = time.perf_counter()
@@ -827,10 +849,11 @@ class Flusher:
                 self._single_until = time.monotonic() + 60
                 parts = [batch]
         if len(parts) == 1:
-            results = await self._write_isolating(conns[0], batch, bad)
+            results = await self._write_isolating(conns[0], batch, bad, fresh)
         else:
             outcomes = await asyncio.gather(
-                *(self._write_isolating(c, p, bad) for c, p in zip(conns, parts, strict=True)),
+                *(self._write_isolating(c, p, bad, fresh)
+                  for c, p in zip(conns, parts, strict=True)),
                 return_exceptions=True)
             for out in outcomes:
                 if isinstance(out, BaseException):
@@ -845,6 +868,7 @@ class Flusher:
         plans: dict[int, int] = {}
         for res in results:
             inserted += res.inserted
+            self.raced_batches += res.raced
             bad.extend(res.rejected)
             for ident, d in res.user_deltas.items():
                 users[ident] = users.get(ident, 0) + d
@@ -873,20 +897,22 @@ class Flusher:
 
     async def _write_isolating(
         self, conn: asyncpg.Connection, batch: list[UsageRecord],
-        bad: list[tuple[UsageRecord, str]],
+        bad: list[tuple[UsageRecord, str]], fresh: bool = False,
     ) -> list[FlushResult]:
+        # A data error rolls the whole transaction back, so the halves stay as fresh
+        # as the batch was.
         try:
-            return [await write_batch(conn, batch)]
+            return [await write_batch(conn, batch, fresh=fresh)]
         except _DATA_ERRORS as exc:
             if len(batch) == 1:
-                return await self._write_sanitized(conn, batch[0], exc, bad)
+                return await self._write_sanitized(conn, batch[0], exc, bad, fresh)
         mid = len(batch) // 2
-        first = await self._write_isolating(conn, batch[:mid], bad)
-        return first + await self._write_isolating(conn, batch[mid:], bad)
+        first = await self._write_isolating(conn, batch[:mid], bad, fresh)
+        return first + await self._write_isolating(conn, batch[mid:], bad, fresh)
 
     async def _write_sanitized(
         self, conn: asyncpg.Connection, rec: UsageRecord, exc: Exception,
-        bad: list[tuple[UsageRecord, str]],
+        bad: list[tuple[UsageRecord, str]], fresh: bool = False,
     ) -> list[FlushResult]:
         """A row Postgres refused: bill it with its text made storable if that is what
         was wrong (the money fields are never touched), else set it aside."""
@@ -894,7 +920,7 @@ class Flusher:
         fixed = sanitized(rec)
         if fixed is not None:
             try:
-                res = await write_batch(conn, [fixed])
+                res = await write_batch(conn, [fixed], fresh=fresh)
             except _DATA_ERRORS as again:
                 error = f"{error}; after sanitizing text: {type(again).__name__}: {again}"
             else:

@@ -390,6 +390,26 @@ async def test_a_row_committed_by_another_flusher_meanwhile_is_charged_once(
         "SELECT sum(requests) FROM usage_hourly WHERE key_id = $1", kid) == 30
 
 
+async def test_a_fresh_batch_with_rows_logged_after_all_is_charged_once(
+    pg: asyncpg.Connection,
+) -> None:
+    """A batch called fresh skips the existing-row check; if rows of it are logged after
+    all, the unique index stops the insert and the slow path charges only the others."""
+    uid, (kid,) = await make_account(pg, balance=10**9)
+    rows = [rec(uid, kid, 500 + i) for i in range(40)]
+    await prepare_stage(pg)
+    first = await write_batch(pg, rows[5:15], fresh=True)
+    assert first.inserted == 10 and not first.raced
+    res = await write_batch(pg, rows, fresh=True)
+    assert res.raced and res.inserted == 30
+    assert res.key_deltas == {kid: sum(r.cost_nano for r in rows[:5] + rows[15:])}
+    assert await balance(pg, uid) == 10**9 - sum(r.cost_nano for r in rows)
+    assert await pg.fetchval(
+        "SELECT sum(requests) FROM usage_hourly WHERE key_id = $1", kid) == 40
+    again = await write_batch(pg, rows)  # checked: nothing new, no race
+    assert again.inserted == 0 and not again.raced
+
+
 async def test_multiplier_is_stored_and_explains_the_bill(pg: asyncpg.Connection) -> None:
     uid, (kid,) = await make_account(pg)
     price = PriceRow(version=1, model="gpt-4o-mini", input=150_000_000, output=600_000_000,
@@ -526,6 +546,9 @@ async def test_a_failed_part_is_written_again_and_the_committed_part_is_not_char
     want_a = sum(r.cost_nano for r in rows if r.user_id == a_uid)
     assert seen == {a_uid: want_a, b_uid: want_b}
     assert flusher.flushed_rows == len(rows)
+    # The batch written again had been in a transaction, so it was checked first: the
+    # committed part was left out, not collided with.
+    assert flusher.raced_batches == 0 and flusher.duplicate_rows > 0
     assert await balance(pg, a_uid) == 10**12 - want_a
     assert await balance(pg, b_uid) == 10**12 - want_b
     assert await spent(pg, a_kid) == want_a and await spent(pg, b_kid) == want_b
