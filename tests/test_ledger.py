@@ -585,3 +585,41 @@ async def test_no_room_for_a_second_connection_flushes_the_catch_up_on_one(
     finally:
         await pg.execute(f"DROP OWNED BY {role}")
         await pg.execute(f"DROP ROLE {role}")
+
+
+async def test_steady_traffic_is_flushed_once_per_interval_and_a_full_batch_at_once(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Rows trickling in are written one batch per tick, not back to back as they
+    arrive during the previous flush; flush_rows pending still wake the flusher at once,
+    and a backlog of full batches is drained in one go."""
+    uid, (kid,) = await make_account(pg, balance=10**12)
+    ledger = Ledger(Journal(tmp_path), flush_rows=100_000)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=300, flush_rows=100_000)
+    flusher.start()
+    loop = asyncio.get_running_loop()
+    n = 0
+    end = loop.time() + 1.5
+    while loop.time() < end:  # a row every millisecond, so some arrive during each flush
+        ledger.record(rec(uid, kid, 1, rid=f"trickle-{uid}-{n}"))
+        n += 1
+        await asyncio.sleep(0.001)
+    await until(lambda: ledger.backlog == 0)
+    # 1.5 s at one tick per 300 ms: about 5 flushes (back to back, as the rows
+    # recorded during each flush were written at once, it was hundreds).
+    assert 3 <= flusher.flushes <= 8, flusher.flushes
+    assert await flusher.stop(timeout=10)
+    assert flusher.flushed_rows == n
+
+    # A 10 s tick: five full batches recorded at once are written on the wake, well
+    # before it, in one drain (one catch-up batch, parted over the two connections).
+    ledger = Ledger(Journal(tmp_path / "burst"), flush_rows=200)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10_000, flush_rows=200)
+    flusher.start()
+    await asyncio.sleep(0.05)  # the first tick (at start) has found nothing
+    for i in range(200 * 5):
+        ledger.record(rec(uid, kid, 1, rid=f"burst-{uid}-{i}"))
+    await until(lambda: ledger.backlog == 0, limit_s=5)
+    assert flusher.flushes <= 2
+    assert await flusher.stop(timeout=10)
+    assert await balance(pg, uid) == 10**12 - n - 1000
