@@ -5,13 +5,16 @@ hourly upsert, aggregated balance/key charges).
     .venv/bin/python bench/ledger_bench.py [--dsn postgresql://postgres@127.0.0.1:5432/test]
         [--rows 500000] [--flush-rows 5000] [--max-batch-factor 16] [--users 1000]
         [--keys-per-user 2] [--burst 32] [--async-commit] [--connections 2]
+    .venv/bin/python bench/ledger_bench.py --steady 5000 [--steady-seconds 10] [--steady-keys 1]
 
 record() is measured three ways: memory only; writing each row to the journal at
 once (no event loop: what a script or the crash test sees); and deferred, as in a
 worker with a running flusher: bursts of `--burst` rows per loop iteration, the
 per-iteration journal write included in the figure. The flusher figure is a catch-up:
 every row is recorded first, then the flusher drains them (the batch grows up to
-flush_rows * max_batch_factor). `--async-commit` runs the flusher's session with
+flush_rows * max_batch_factor). `--steady RATE` measures steady traffic instead: rows
+recorded at RATE per second while the flusher runs as in a worker, and the CPU each row
+costs this process and the flusher's Postgres backends. `--async-commit` runs the flusher's session with
 synchronous_commit=off, to measure what the docstring of accounting.ledger.Flusher
 argues against. A throwaway database is created on the server named by --dsn,
 migrated, and dropped.
@@ -27,6 +30,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -105,6 +109,66 @@ async def bench_flush(dsn: str, rows: list[UsageRecord], flush_rows: int, jdir: 
     return dt, flusher
 
 
+def _proc_cpu_s(pid: int) -> float | None:
+    """utime + stime of a local process (a Postgres backend), or None if not on this host."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _poll(done: Callable[[], bool]) -> None:
+    for _ in range(60_000):  # 10 minutes at most
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the flusher did not catch up in 10 minutes")
+
+
+async def bench_steady(dsn: str, rows: list[UsageRecord], rate: int, seconds: float,
+                       jdir: str) -> str:
+    """Steady traffic, as a worker sees it: `rate` rows/s recorded in bursts every 10 ms
+    while the flusher runs with its default settings (250 ms, 5000 rows). Reports the CPU
+    per row of this process (record, journal, flusher: what a worker pays) and of the
+    flusher's Postgres backends (what the database pays, read from /proc when Postgres
+    runs on this host)."""
+    ledger = Ledger(Journal(jdir), max_pending_rows=200_000, flush_rows=5000)
+    flusher = Flusher(ledger, dsn)
+    flusher.start()
+    loop = asyncio.get_running_loop()
+    per_tick = max(1, rate // 100)
+    i = 0
+
+    async def feed(until: float) -> None:
+        nonlocal i
+        while loop.time() < until and i < len(rows):
+            for r in rows[i:i + per_tick]:
+                ledger.record(r)
+            i += per_tick
+            await asyncio.sleep(0.01)
+
+    await feed(loop.time() + 1.0)  # warm-up: the flusher connects and prepares
+    await _poll(lambda: flusher.flushed_rows > 0)
+    pids = [c.get_server_pid() for c in flusher._conns if c is not None]
+    pg0 = [_proc_cpu_s(p) for p in pids]
+    first, cpu0, t0 = i, time.process_time(), time.perf_counter()
+    await feed(loop.time() + seconds)
+    n = i - first
+    await _poll(lambda: ledger.backlog == 0)
+    cpu = time.process_time() - cpu0
+    wall = time.perf_counter() - t0
+    pg1 = [_proc_cpu_s(p) for p in pids]
+    assert await flusher.stop(timeout=60)
+    pg = sum(b - a for a, b in zip(pg0, pg1, strict=True) if a is not None and b is not None)
+    local = all(x is not None for x in pg0 + pg1)
+    return (f"steady {n / wall:,.0f} rows/s for {wall:.1f} s, {flusher.flushes} flushes:"
+            f" this process {cpu / n * 1e6:.1f} µs CPU/row (record + journal + flusher),"
+            + (f" Postgres backends {pg / n * 1e6:.1f} µs CPU/row" if local
+               else " Postgres backends not on this host")
+            + f", raced batches {flusher.raced_batches}")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dsn", default=os.environ.get("TOLLWAY_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
@@ -117,6 +181,12 @@ async def main() -> None:
     ap.add_argument("--async-commit", action="store_true")
     ap.add_argument("--connections", type=int, default=2,
                     help="flusher connections for catch-up batches (ledger.flush_connections)")
+    ap.add_argument("--steady", type=int, metavar="ROWS_PER_S",
+                    help="instead: steady traffic at this rate, CPU per row of the process"
+                         " and of Postgres")
+    ap.add_argument("--steady-seconds", type=float, default=10.0)
+    ap.add_argument("--steady-keys", type=int, default=0,
+                    help="spread steady traffic over this many keys (default: all)")
     args = ap.parse_args()
 
     db = f"tollway_bench_{secrets.token_hex(4)}"
@@ -137,6 +207,14 @@ async def main() -> None:
                     uid, os.urandom(32))
                 accounts.append((uid, kid))
 
+        if args.steady:
+            keys = accounts[:args.steady_keys] if args.steady_keys else accounts
+            with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
+                rows = make_rows(int(args.steady * (args.steady_seconds + 2)), keys)
+                print(await bench_steady(dsn, rows, args.steady, args.steady_seconds, tmp),
+                      f"({len(keys)} keys)")
+            await conn.close()
+            return
         with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
             sample = make_rows(200_000, accounts, seed=9)
             bench_record(sample[:20_000], tmp)  # warm up
