@@ -6,6 +6,7 @@ hourly upsert, aggregated balance/key charges).
         [--rows 500000] [--flush-rows 5000] [--max-batch-factor 16] [--users 1000]
         [--keys-per-user 2] [--burst 32] [--async-commit] [--connections 2]
     .venv/bin/python bench/ledger_bench.py --steady 5000 [--steady-seconds 10] [--steady-keys 1]
+        [--flush-interval-ms 250]
 
 record() is measured three ways: memory only; writing each row to the journal at
 once (no event loop: what a script or the crash test sees); and deferred, as in a
@@ -127,14 +128,15 @@ async def _poll(done: Callable[[], bool]) -> None:
 
 
 async def bench_steady(dsn: str, rows: list[UsageRecord], rate: int, seconds: float,
-                       jdir: str) -> str:
+                       jdir: str, interval_ms: int = 250) -> str:
     """Steady traffic, as a worker sees it: `rate` rows/s recorded in bursts every 10 ms
-    while the flusher runs with its default settings (250 ms, 5000 rows). Reports the CPU
+    while the flusher runs with its default settings (every `interval_ms`, 250 by default,
+    or 5000 rows). Reports the CPU
     per row of this process (record, journal, flusher: what a worker pays) and of the
     flusher's Postgres backends (what the database pays, read from /proc when Postgres
     runs on this host)."""
     ledger = Ledger(Journal(jdir), max_pending_rows=200_000, flush_rows=5000)
-    flusher = Flusher(ledger, dsn)
+    flusher = Flusher(ledger, dsn, flush_interval_ms=interval_ms)
     flusher.start()
     loop = asyncio.get_running_loop()
     per_tick = max(1, rate // 100)
@@ -185,6 +187,8 @@ async def main() -> None:
                     help="instead: steady traffic at this rate, CPU per row of the process"
                          " and of Postgres")
     ap.add_argument("--steady-seconds", type=float, default=10.0)
+    ap.add_argument("--flush-interval-ms", type=int, default=250,
+                    help="the flusher's interval in --steady mode (ledger.flush_interval_ms)")
     ap.add_argument("--steady-keys", type=int, default=0,
                     help="spread steady traffic over this many keys (default: all)")
     args = ap.parse_args()
@@ -211,8 +215,9 @@ async def main() -> None:
             keys = accounts[:args.steady_keys] if args.steady_keys else accounts
             with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
                 rows = make_rows(int(args.steady * (args.steady_seconds + 2)), keys)
-                print(await bench_steady(dsn, rows, args.steady, args.steady_seconds, tmp),
-                      f"({len(keys)} keys)")
+                print(await bench_steady(dsn, rows, args.steady, args.steady_seconds, tmp,
+                                         args.flush_interval_ms),
+                      f"({len(keys)} keys, flush_interval_ms {args.flush_interval_ms})")
             await conn.close()
             return
         with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp:
