@@ -6,7 +6,9 @@ and Tollway with 1 and N workers on its full path (auth, limits, metering, ledge
 to Postgres, metrics). Non-stream load comes from wrk, streams from
 bench/streamclient.py. For each target it reports req/s, latency and TTFB
 percentiles, latency added over direct, CPU ms per request of the target's
-process tree (from /proc) and its peak RSS.
+process tree (from /proc) and its peak RSS. When a target ran with and without a
+component (`tollway1` and `tollway1-noledger`, alternated), a second table pairs the
+runs in order and gives the component's cost in req/s summed over the pairs.
 
 It installs nothing: a missing nginx or wrk is reported with the apt command and
 the affected rows are skipped. Every process it starts binds 127.0.0.1, is
@@ -653,6 +655,38 @@ def table(rows: list[Row], order: list[str]) -> str:
     return "\n".join(out)
 
 
+_WITHOUT = ("-noledger", "-nolimits", "-bare")
+
+
+def component_costs(rows: list[Row], order: list[str]) -> str:
+    """What a component costs in throughput, from targets run with and without it
+    (`tollway1` against `tollway1-noledger`...): the i-th run of one is paired with the
+    i-th of the other, and req/s are summed over the pairs. On a shared, noisy host a
+    single pair can be off by more than the effect; alternate several (`--targets
+    a,b,a,b,a,b`) and read the pooled figure. Empty when no such pair ran."""
+    out: list[str] = []
+    for name in order:
+        runs: dict[str, list[float]] = {}
+        for r in rows:
+            if r.scenario == name and r.rps is not None and not r.errors:
+                runs.setdefault(r.target, []).append(r.rps)
+        for variant, without in sorted(runs.items()):
+            base = next((variant[:-len(x)] for x in _WITHOUT if variant.endswith(x)), None)
+            if base is None or base not in runs:
+                continue
+            pairs = list(zip(runs[base], without, strict=False))
+            with_sum = sum(p[0] for p in pairs)
+            without_sum = sum(p[1] for p in pairs)
+            each = ", ".join(f"{(a / b - 1) * 100:+.1f} %" for a, b in pairs)
+            out.append(f"| {name} | {base} vs {variant} | {len(pairs)} | {with_sum:.0f} / "
+                       f"{without_sum:.0f} | {(with_sum / without_sum - 1) * 100:+.1f} % | {each} |")
+    if not out:
+        return ""
+    return "\n".join([
+        "| scenario | with vs without | pairs | req/s summed, with / without | cost | each pair |",
+        "|---|---|---|---|---|---|", *out])
+
+
 def environment() -> str:
     cpu = "?"
     with contextlib.suppress(OSError):
@@ -779,6 +813,9 @@ def _report(rows: list[Row], order: list[str], command: str, started: dt.datetim
         "",
         table(rows, order),
     ]
+    costs = component_costs(rows, order)
+    if costs:
+        lines += ["", costs]
     if interrupted:
         lines += ["", "**Interrupted**: partial results."]
     return "\n".join(lines) + "\n"

@@ -151,3 +151,22 @@ def test_procstat_charges_children_and_tracks_rss() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_component_costs_pair_runs_in_order_and_pool_them() -> None:
+    rows = [
+        run.Row("chat_c64", "direct", rps=15000.0),
+        run.Row("chat_c64", "tollway1", rps=900.0),
+        run.Row("chat_c64", "tollway1-noledger", rps=1000.0),
+        run.Row("chat_c64", "tollway1", rps=1100.0),
+        run.Row("chat_c64", "tollway1-noledger", rps=1000.0),
+        run.Row("chat_c64", "tollway1-nolimits", rps=1200.0),  # no second pair: one only
+        run.Row("chat_c64", "tollway1-noledger", rps=500.0, errors=3),  # failed: left out
+    ]
+    text = run.component_costs(rows, ["chat_c64"])
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert "| chat_c64 | tollway1 vs tollway1-noledger | 2 | 2000 / 2000 | +0.0 % |" in text
+    assert "-10.0 %, +10.0 %" in text
+    assert "| tollway1 vs tollway1-nolimits | 1 | 900 / 1200 | -25.0 % |" in text
+    assert run.component_costs(rows[:2], ["chat_c64"]) == ""
