@@ -780,7 +780,7 @@ class Flusher:
 
         Flushing those at once would keep the flusher busy back to back under steady
         traffic, in batches of what arrived during the previous flush: measured
-        (bench/RESULTS.md, "Ledger", round 5) 15-60 flushes a second instead of 4, and
+        (bench/RESULTS.md, "Ledger", round 5) 14-55 flushes a second instead of 4, and
         every flush pays its fixed statements and, per group of rows, every aggregate
         row again.
         """
