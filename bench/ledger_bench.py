@@ -42,6 +42,7 @@ from accounting import migrate
 from accounting.journal import Journal
 from accounting.ledger import Flusher, Ledger
 from accounting.records import Usage, UsageRecord
+from bench import procstat
 
 
 def make_rows(n: int, accounts: list[tuple[int, int]], seed: int = 1) -> list[UsageRecord]:
@@ -110,15 +111,6 @@ async def bench_flush(dsn: str, rows: list[UsageRecord], flush_rows: int, jdir: 
     return dt, flusher
 
 
-def _proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of a local process (a Postgres backend), or None if not on this host."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _poll(done: Callable[[], bool]) -> None:
     for _ in range(60_000):  # 10 minutes at most
         if done():
@@ -153,14 +145,14 @@ async def bench_steady(dsn: str, rows: list[UsageRecord], rate: int, seconds: fl
     await feed(loop.time() + 1.0)  # warm-up: the flusher connects and prepares
     await _poll(lambda: flusher.flushed_rows > 0)
     pids = [c.get_server_pid() for c in flusher._conns if c is not None]
-    pg0 = [_proc_cpu_s(p) for p in pids]
+    pg0 = [procstat.cpu_s(p) for p in pids]
     first, cpu0, t0 = i, time.process_time(), time.perf_counter()
     await feed(loop.time() + seconds)
     n = i - first
     await _poll(lambda: ledger.backlog == 0)
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - t0
-    pg1 = [_proc_cpu_s(p) for p in pids]
+    pg1 = [procstat.cpu_s(p) for p in pids]
     assert await flusher.stop(timeout=60)
     pg = sum(b - a for a, b in zip(pg0, pg1, strict=True) if a is not None and b is not None)
     local = all(x is not None for x in pg0 + pg1)

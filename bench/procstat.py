@@ -51,6 +51,14 @@ def tree(root: int) -> list[int]:
     return found
 
 
+def cpu_s(pid: int) -> float | None:
+    """utime+stime of one process (children not included), or None if it is not on this host."""
+    f = _stat_fields(pid)
+    if f is None:
+        return None
+    return (int(f[11]) + int(f[12])) / CLK_TCK
+
+
 def tree_cpu_s(roots: list[int]) -> float:
     """utime+stime of every live process in the trees, plus what the roots' reaped children used.
 
