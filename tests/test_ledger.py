@@ -616,7 +616,7 @@ async def test_steady_traffic_is_flushed_once_per_interval_and_a_full_batch_at_o
     ledger = Ledger(Journal(tmp_path / "burst"), flush_rows=200)
     flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10_000, flush_rows=200)
     flusher.start()
-    await asyncio.sleep(0.05)  # the first tick (at start) has found nothing
+    await asyncio.sleep(0.05)  # the flusher is waiting for its first tick, 10 s away
     for i in range(200 * 5):
         ledger.record(rec(uid, kid, 1, rid=f"burst-{uid}-{i}"))
     await until(lambda: ledger.backlog == 0, limit_s=5)
