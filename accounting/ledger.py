@@ -43,7 +43,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -52,12 +52,15 @@ import asyncpg
 import orjson
 
 from accounting import plans as plan_credit
-from accounting.journal import Cursor, DeadSegment, Journal, dead_segments
+from accounting.journal import Cursor, DeadSegment, Journal, dead_segments, decode, frame, row_tuple
 from accounting.records import UsageRecord
 
 log = logging.getLogger(__name__)
 
 OnFlushed = Callable[[dict[int, int], dict[int, int]], None]
+# A row waiting for the flusher: its journal payload (bytes, see Ledger.record) or, when
+# it needs checking, fixing or escaping first, the record itself.
+Row = UsageRecord | bytes
 
 
 class LedgerSettings(Protocol):
@@ -89,7 +92,7 @@ class Ledger:
         self, journal: Journal | None, *, max_pending_rows: int = 200_000, flush_rows: int = 5000
     ) -> None:
         self.journal = journal
-        self.pending: list[UsageRecord] = []  # journal seqs [head_seq, head_seq + len)
+        self.pending: list[Row] = []  # journal seqs [head_seq, head_seq + len)
         self.head_seq = journal.seq if journal is not None else 0
         # Rows whose journal write failed (disk full): kept in memory whatever the bound.
         self.unjournaled: list[UsageRecord] = []
@@ -110,25 +113,45 @@ class Ledger:
             self._defer = loop is not None
 
     def record(self, rec: UsageRecord) -> None:
-        """Take one settled row. Synchronous, no lock, no await, never raises on I/O."""
+        """Take one settled row. Synchronous, no lock, no await, never raises.
+
+        With a journal, the row is encoded once here: the same orjson payload is the
+        journal's frame and, when every field has its column's type and no text needs
+        escaping, what the flusher sends to Postgres as it is (a CSV line, see
+        write_batch), so the flusher does no per-row work for it and memory holds
+        bytes, which the garbage collector never walks, instead of objects.
+        """
         pending = self.pending
         journal = self.journal
         if journal is None:
             pending.append(rec)
         else:
+            try:
+                t = row_tuple(rec)
+                payload = orjson.dumps(t)
+            except (AttributeError, TypeError, ValueError):  # orjson: a lone surrogate, an int past 64 bits
+                # Not journalable as it is: held in memory like a row whose write
+                # failed; the flusher makes its text storable or sets it aside.
+                self.unjournaled.append(rec)
+                return
+            data = frame(payload)
             if self._spill is not None or len(pending) >= self._max:
                 # Spilling: the journal is the only copy, so write it now.
                 if self._spill is None:
                     self._spill = journal.tail()
-                if not journal.append(rec):
+                if not journal.append_frame(data):
                     self.unjournaled.append(rec)
                 return
             if self._defer:
-                journal.append_deferred(rec)  # a failed write later: the row is in memory
-            elif not journal.append(rec):
+                journal.append_frame_deferred(data)  # a failed write later: the row is in memory
+            elif not journal.append_frame(data):
                 self.unjournaled.append(rec)
                 return
-            pending.append(rec)
+            if (tuple(map(type, t)) == _JOURNAL_TYPES and _TS_MIN <= t[2] <= _TS_MAX
+                    and b"\\" not in payload and "," not in rec.request_id):
+                pending.append(payload)
+            else:
+                pending.append(rec)
         if len(pending) == self._flush_rows and self._wake is not None:
             self._wake()
 
@@ -184,6 +207,8 @@ _PY_TYPES = (
     int, str, int, int, int, int, int, str, str, str, int, str,
 )
 _STR_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is str)
+# A journal payload is (format, *row): accounting.journal.row_tuple.
+_JOURNAL_TYPES = (int, *_PY_TYPES)
 _INT_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is int)
 
 # Fast path: ask which of the batch's rows are logged already (a replay, a retry after
@@ -209,11 +234,13 @@ _SQL_TYPES = (
 # ts travels as float8 unix seconds and becomes a timestamptz in SQL (to_timestamp):
 # the same float always gives the same microsecond, so a replayed row hits the same
 # key, and the client never builds a datetime per row.
+# `fmt` takes a CSV line's first field, the journal payload's format number (unused).
 _CREATE_STAGE = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (fmt smallint, "
     + ", ".join(f"{c} {t}" for c, t in zip(_COLUMNS, _SQL_TYPES, strict=True))
     + ") ON COMMIT DELETE ROWS"
 )
+_CSV_COLUMNS = ("fmt", *_COLUMNS)
 _COLS = ", ".join(_COLUMNS)
 _SELECT_COLS = ", ".join("to_timestamp(ts)" if c == "ts" else c for c in _COLUMNS)
 _INSERT_STAGED = f"INSERT INTO usage_log ({_COLS}) SELECT {_SELECT_COLS} FROM {_STAGE}"
@@ -444,8 +471,22 @@ async def prepare(conn: asyncpg.Connection) -> None:
     await conn.execute(_CREATE_STAGE)
 
 
+def as_record(item: Row) -> UsageRecord:
+    """A pending row as a UsageRecord: the ledger holds most rows as their journal
+    payload (Ledger.record)."""
+    return decode(item) if type(item) is bytes else item  # type: ignore[return-value]
+
+
+def _csv(lines: list[bytes]) -> memoryview:
+    """Journal payloads as COPY CSV input: `[1,"req_..",..,"1"]` without its brackets is
+    a CSV line, given what Ledger.record checked (each field of its column's type, no
+    backslash, so no escaped character and no quote inside a string). A memoryview: asyncpg
+    would take bytes for a file name."""
+    return memoryview(b"\n".join([p[1:-1] for p in lines]) + b"\n")
+
+
 async def write_batch(
-    conn: asyncpg.Connection, batch: list[UsageRecord], *, fresh: bool = False
+    conn: asyncpg.Connection, batch: Sequence[Row], *, fresh: bool = False
 ) -> FlushResult:
     """Write `batch` in one transaction; only rows not already logged are charged.
 
@@ -458,8 +499,16 @@ async def write_batch(
     Raises on a database error (the transaction is rolled back, nothing is charged);
     a data error names no row, which is why the flusher bisects.
     """
-    rows, rejected = prepare_rows(batch)
-    if not rows:
+    lines: list[bytes] = []
+    if fresh:
+        # Journal payloads go to Postgres as they are; records (rows that needed a check
+        # or escaping) are typed and COPYed in binary.
+        lines = [x for x in batch if type(x) is bytes]
+        records = [x for x in batch if type(x) is not bytes] if len(lines) < len(batch) else []
+    else:
+        records = [as_record(x) for x in batch]
+    rows, rejected = prepare_rows(records)  # type: ignore[arg-type]
+    if not rows and not lines:
         return FlushResult(0, {}, {}, {}, rejected)
     try:
         async with conn.transaction():
@@ -474,12 +523,17 @@ async def write_batch(
                 known = {r[0] for r in logged}
                 new = [t for t in rows
                        if t[0] not in known or (t[0], pg_timestamp(t[1])) not in old]
+            if lines:
+                await conn.copy_to_table(_STAGE, source=_csv(lines), columns=_CSV_COLUMNS,
+                                         format="csv")
             if new:
                 await conn.copy_records_to_table(_STAGE, records=new, columns=_COLUMNS)
+            if new or lines:
                 await conn.execute(_INSERT_STAGED)
-            res = await _account(conn, len(new))
+            res = await _account(conn, len(new) + len(lines))
     except asyncpg.UniqueViolationError:
         # Logged meanwhile by another flusher, or the same row twice in this batch.
+        rows += [_row(decode(p)) for p in lines]
         rows = list({(t[0], t[1]): t for t in rows}.values())
         async with conn.transaction():
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_COLUMNS)
@@ -812,14 +866,14 @@ class Flusher:
                 return
             if flushed and not self._stopping and ledger.backlog < self._flush_rows:
                 return
-            batch = ledger.pending[:size]
+            rows = ledger.pending[:size]
             fresh = ledger.head_seq >= self._tried_seq
-            self._tried_seq = ledger.head_seq + len(batch)
-            await self._flush(batch, fresh=fresh)
-            ledger.committed(len(batch))
+            self._tried_seq = ledger.head_seq + len(rows)
+            await self._flush(rows, fresh=fresh)
+            ledger.committed(len(rows))
             flushed = True
 
-    def _split(self, batch: list[UsageRecord]) -> list[list[UsageRecord]]:
+    def _split(self, batch: Sequence[Row]) -> list[Sequence[Row]]:
         """`batch` as one part, or, for a catch-up batch (more than `flush_rows`), as up
         to `connections` parts written concurrently, one per connection.
 
@@ -834,13 +888,17 @@ class Flusher:
         n = self._parts
         if n == 1 or len(batch) <= self._flush_rows or time.monotonic() < self._single_until:
             return [batch]
-        parts: list[list[UsageRecord]] = [[] for _ in range(n)]
+        parts: list[list[Row]] = [[] for _ in range(n)]
         for rec in batch:
-            uid = rec.user_id
+            if isinstance(rec, bytes):
+                # A payload Ledger.record passed: `[1,"<id without comma>",<ts>,<user id>,`.
+                uid = int(rec.split(b",", 4)[3])
+            else:
+                uid = rec.user_id
             parts[uid % n if type(uid) is int else 0].append(rec)
         return [p for p in parts if p]
 
-    async def _flush(self, batch: list[UsageRecord], *, fresh: bool = False) -> None:
+    async def _flush(self, batch: Sequence[Row], *, fresh: bool = False) -> None:
         """Commit `batch` (bisecting around bad rows); return once every row is either
         in Postgres or in the dead-letter file.
 
@@ -914,7 +972,7 @@ class Flusher:
             raise error
 
     async def _write_isolating(
-        self, conn: asyncpg.Connection, batch: list[UsageRecord],
+        self, conn: asyncpg.Connection, batch: Sequence[Row],
         bad: list[tuple[UsageRecord, str]], fresh: bool = False,
     ) -> list[FlushResult]:
         # A data error rolls the whole transaction back, so the halves stay as fresh
@@ -923,7 +981,7 @@ class Flusher:
             return [await write_batch(conn, batch, fresh=fresh)]
         except _DATA_ERRORS as exc:
             if len(batch) == 1:
-                return await self._write_sanitized(conn, batch[0], exc, bad, fresh)
+                return await self._write_sanitized(conn, as_record(batch[0]), exc, bad, fresh)
         mid = len(batch) // 2
         first = await self._write_isolating(conn, batch[:mid], bad, fresh)
         return first + await self._write_isolating(conn, batch[mid:], bad, fresh)

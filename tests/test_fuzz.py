@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from accounting.ledger import as_record
 from tests.gateway import Harness
 
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
@@ -252,6 +253,6 @@ async def test_enormous_model_name_never_wedges_the_ledger(pg_dsn: str) -> None:
                 await h.flush()
         finally:
             # Let stop() finish quickly even while the bug stands: drop the poison row.
-            ledger.pending[:] = [r for r in ledger.pending if len(r.model) < 1000]
+            ledger.pending[:] = [r for r in ledger.pending if len(as_record(r).model) < 1000]
     finally:
         await h.stop()

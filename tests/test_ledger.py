@@ -21,7 +21,7 @@ import pytest
 from accounting import journal as jn
 from accounting import reports
 from accounting.journal import Journal
-from accounting.ledger import Flusher, Ledger, pg_timestamp, write_batch
+from accounting.ledger import Flusher, Ledger, as_record, pg_timestamp, write_batch
 from accounting.ledger import prepare as prepare_stage
 from accounting.pricing import PriceRow, cost_nano
 from accounting.records import Usage, UsageRecord
@@ -211,7 +211,7 @@ async def test_spill_past_max_pending_rows_keeps_memory_bounded_and_order(
 
     class Recording(Ledger):
         def committed(self, n: int) -> None:
-            order.extend(r.request_id for r in self.pending[:n])
+            order.extend(as_record(r).request_id for r in self.pending[:n])
             super().committed(n)
 
     ledger = Recording(journal, max_pending_rows=100, flush_rows=40)
