@@ -623,3 +623,101 @@ async def test_steady_traffic_is_flushed_once_per_interval_and_a_full_batch_at_o
     assert flusher.flushes <= 2
     assert await flusher.stop(timeout=10)
     assert await balance(pg, uid) == 10**12 - n - 1000
+
+
+def _logged_columns() -> str:
+    return ("request_id, ts, user_id, key_id, group_name, model, upstream_model, channel,"
+            " protocol, route, stream, status, error_code, input_tokens, output_tokens,"
+            " cache_read_tokens, cache_write_tokens, reasoning_tokens, usage_source, cost_nano,"
+            " price_version, latency_ms, ttfb_ms, attempts, channels_tried, client_request_id,"
+            " client_ip, plan_id, multiplier")
+
+
+async def test_payload_rows_are_logged_exactly_as_typed_rows_are(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A journaled row goes to Postgres as its journal payload (a CSV line) unless it
+    needs escaping or checking; either way usage_log holds the same values as the
+    binary path (no journal) gives the same row."""
+    uid, (kid,) = await make_account(pg)
+    texts = ["gpt-4o", "Ünïcødé 模型 🚀", "a,b,c", "null", "", " lead and trail ",
+             'say "hi"', "back\\slash", "tab\there", "line\nbreak", "\u2028sep"]
+    shapes = []
+    for i, text in enumerate(texts):
+        r = rec(uid, kid, 2**50 + i, model=text)
+        r.channel = text
+        r.client_request_id = text
+        r.ts = 1_800_000_000.123456789 + i / 7
+        r.stream = i % 2 == 0
+        r.usage = Usage(input=2**40, output=0, cache_read=i, cache_write=0, reasoning=2**31)
+        r.multiplier = "4/5" if i % 3 else "1"
+        shapes.append(r)
+    odd = rec(uid, kid, 3, rid="req_with,comma")  # would break the user-id split: typed
+    unset = rec(uid, kid, 4)
+    unset.error_code = None  # type: ignore[assignment]  # typed path: stored as ''
+    rows = [*shapes, odd, unset]
+
+    ledger = Ledger(Journal(tmp_path, name="csv"), flush_rows=1000)
+    for r in rows:
+        ledger.record(r)
+    kinds = [type(x) for x in ledger.pending]
+    plain = {"gpt-4o", "Ünïcødé 模型 🚀", "a,b,c", "null", "", " lead and trail ", "\u2028sep"}
+    assert kinds == [bytes if r.model in plain else UsageRecord for r in shapes] + [UsageRecord] * 2
+    assert [as_record(x) for x in ledger.pending[:len(shapes)]] == shapes
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=1000)
+    flusher.start()
+    assert await flusher.stop(timeout=30)
+    assert flusher.flushed_rows == len(rows) and flusher.deadletter_rows == 0
+
+    ids = [r.request_id for r in rows]
+    got = await pg.fetch(f"SELECT {_logged_columns()} FROM usage_log WHERE request_id = ANY($1)"
+                         " ORDER BY request_id", ids)
+    await pg.execute("DELETE FROM usage_log WHERE request_id = ANY($1)", ids)
+    typed = Ledger(None, flush_rows=1000)  # no journal: every row through the binary COPY
+    for r in rows:
+        typed.record(r)
+    assert all(type(x) is UsageRecord for x in typed.pending)
+    flusher = Flusher(typed, pg_dsn, flush_interval_ms=10, flush_rows=1000)
+    flusher.start()
+    assert await flusher.stop(timeout=30)
+    want = await pg.fetch(f"SELECT {_logged_columns()} FROM usage_log WHERE request_id = ANY($1)"
+                          " ORDER BY request_id", ids)
+    assert len(got) == len(rows) and [tuple(g) for g in got] == [tuple(w) for w in want]
+    by_id = {g["request_id"]: g for g in got}
+    for r in shapes:
+        g = by_id[r.request_id]
+        assert (g["model"], g["channel"], g["client_request_id"]) == (r.model,) * 3
+        assert g["ts"] == pg_timestamp(r.ts) and g["stream"] is r.stream
+        assert g["cost_nano"] == r.cost_nano and g["input_tokens"] == 2**40
+    assert by_id[unset.request_id]["error_code"] == ""
+
+
+def test_a_row_orjson_cannot_encode_is_held_in_memory_not_journaled(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, name="surrogate")
+    ledger = Ledger(journal)
+    bad = rec(1, 1, 5, model="lone \ud800 surrogate")
+    good = rec(1, 1, 6)
+    ledger.record(bad)
+    ledger.record(good)
+    assert ledger.unjournaled == [bad] and journal.seq == 1
+    assert [as_record(x) for x in ledger.pending] == [good]
+    assert jn.parse(read_file(journal.paths[0]))[0] == [good]
+    journal.close(delete=True)
+
+
+async def test_an_unencodable_row_is_billed_with_its_text_made_storable(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    uid, (kid,) = await make_account(pg, balance=10**9)
+    bad = rec(uid, kid, 5, model="lone \ud800 surrogate")
+    good = rec(uid, kid, 6)
+    ledger = Ledger(Journal(tmp_path, name="surrogate-pg"), flush_rows=1000)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=1000)
+    flusher.start()
+    ledger.record(bad)
+    ledger.record(good)
+    assert await flusher.stop(timeout=30)
+    assert flusher.flushed_rows == 2 and flusher.sanitized_rows == 1
+    assert await pg.fetchval("SELECT model FROM usage_log WHERE request_id = $1",
+                             bad.request_id) == "lone ? surrogate"
+    assert await balance(pg, uid) == 10**9 - 11
