@@ -1,16 +1,19 @@
 """The usage ledger: a synchronous in-memory recorder and the task that flushes it.
 
-`Ledger.record()` is on the hot path of every request: it hands the row to the local
-journal (see accounting.journal: written once per event-loop iteration while a
-flusher runs, at once otherwise) and appends it to a list. It never awaits, locks or
-talks to Postgres. `Flusher` is the only thing that does: every `flush_interval_ms`
-(or sooner when `flush_rows` are pending) it moves a batch into Postgres in one
-transaction:
+`Ledger.record()` is on the hot path of every request: it encodes the row once, hands
+the frame to the local journal (see accounting.journal: written once per event-loop
+iteration while a flusher runs, at once otherwise) and appends the row to a list: as
+its payload, which is also a COPY CSV line, when every field has its column's type
+and no text needs escaping (nearly always), else as the record. It never awaits,
+locks or talks to Postgres. `Flusher` is the only thing that does: every
+`flush_interval_ms` (or sooner when `flush_rows` are pending) it moves a batch into
+Postgres in one transaction:
 
-1. check the rows' types (fixing a missing text field, refusing a wrong number) and,
-   unless no row of the batch has been in a transaction before, drop rows already in
-   `usage_log` (one indexed lookup): replays and retries never charge twice;
-2. COPY the rest into a temp table and INSERT them into `usage_log` (if another
+1. check the records' types (fixing a missing text field, refusing a wrong number)
+   and, unless no row of the batch has been in a transaction before, drop rows already
+   in `usage_log` (one indexed lookup): replays and retries never charge twice;
+2. COPY the rest into a temp table (payloads as CSV, records in binary) and INSERT
+   them into `usage_log` (if another
    flusher commits one of them meanwhile, the batch is redone with ON CONFLICT DO
    NOTHING);
 3. from those new rows alone, upsert `usage_hourly` and apply *aggregated* deltas:
