@@ -39,6 +39,7 @@ from accounting.records import Usage, UsageRecord
 MAGIC = 0x5754  # b"TW" little-endian: where a frame starts
 _HDR = struct.Struct("<HII")  # magic, payload length, crc32(payload)
 _HDR_SIZE = _HDR.size
+HEADER_SIZE = _HDR_SIZE  # a frame is this header, then its payload
 _MAX_PAYLOAD = 1 << 20  # a usage row is ~400 bytes; anything larger is corruption
 _FORMAT = 1  # first element of every payload, so the layout can evolve
 SUFFIX = ".wal"

@@ -3,8 +3,8 @@
 `Ledger.record()` is on the hot path of every request: it encodes the row once, hands
 the frame to the local journal (see accounting.journal: written once per event-loop
 iteration while a flusher runs, at once otherwise) and appends the row to a list: as
-its payload, which is also a COPY CSV line, when every field has its column's type
-and no text needs escaping (nearly always), else as the record. It never awaits,
+its frame, whose payload is also a COPY CSV line, unless a text needs escaping or
+its time or id is odd (nearly never), else as the record. It never awaits,
 locks or talks to Postgres. `Flusher` is the only thing that does: every
 `flush_interval_ms` (or sooner when `flush_rows` are pending) it moves a batch into
 Postgres in one transaction:
@@ -12,8 +12,8 @@ Postgres in one transaction:
 1. check the records' types (fixing a missing text field, refusing a wrong number)
    and, unless no row of the batch has been in a transaction before, drop rows already
    in `usage_log` (one indexed lookup): replays and retries never charge twice;
-2. COPY the rest into a temp table (payloads as CSV, records in binary) and INSERT
-   them into `usage_log` (if another
+2. COPY the rest into a temp table (frames' payloads as CSV, whose types Postgres
+   checks; records in binary) and INSERT them into `usage_log` (if another
    flusher commits one of them meanwhile, the batch is redone with ON CONFLICT DO
    NOTHING);
 3. from those new rows alone, upsert `usage_hourly` and apply *aggregated* deltas:
@@ -55,15 +55,23 @@ import asyncpg
 import orjson
 
 from accounting import plans as plan_credit
-from accounting.journal import Cursor, DeadSegment, Journal, dead_segments, decode, frame, row_tuple
+from accounting.journal import (
+    HEADER_SIZE,
+    Cursor,
+    DeadSegment,
+    Journal,
+    dead_segments,
+    decode,
+    frame,
+    row_tuple,
+)
 from accounting.records import UsageRecord
 
 log = logging.getLogger(__name__)
 
 OnFlushed = Callable[[dict[int, int], dict[int, int]], None]
-# A row waiting for the flusher: its journal payload without the brackets (bytes, a CSV
-# line, see Ledger.record) or, when
-# it needs checking, fixing or escaping first, the record itself.
+# A row waiting for the flusher: its journal frame (bytes, see Ledger.record) or, when it
+# needs checking or escaping first, the record itself.
 Row = UsageRecord | bytes
 
 
@@ -119,11 +127,11 @@ class Ledger:
     def record(self, rec: UsageRecord) -> None:
         """Take one settled row. Synchronous, no lock, no await, never raises.
 
-        With a journal, the row is encoded once here: the same orjson payload is the
-        journal's frame and, when every field has its column's type and no text needs
-        escaping, what the flusher sends to Postgres as it is (a CSV line, see
-        write_batch), so the flusher does no per-row work for it and memory holds
-        bytes, which the garbage collector never walks, instead of objects.
+        With a journal, the row is encoded once here: the same frame goes to the
+        journal and, unless its time or id is odd or a text needs escaping, waits for
+        the flusher, which sends its payload to Postgres as it is (a CSV line, see
+        write_batch): no per-row work in the flusher, and memory holds bytes, which the
+        garbage collector never walks, instead of objects.
         """
         pending = self.pending
         journal = self.journal
@@ -151,12 +159,15 @@ class Ledger:
             elif not journal.append_frame(data):
                 self.unjournaled.append(rec)
                 return
-            if (tuple(map(type, t)) == _JOURNAL_TYPES and _TS_MIN <= t[2] <= _TS_MAX
-                    and b"\\" not in payload and "," not in rec.request_id):
-                # Without its brackets: a CSV line for COPY, and a new bytes object of
-                # its own size (holding orjson's buffer instead made each call ~6x slower,
-                # bench/RESULTS.md "Ledger", round 6).
-                pending.append(payload[1:-1])
+            ts, rid = t[2], t[1]
+            if (type(ts) is float and _TS_MIN <= ts <= _TS_MAX and type(rid) is str and rid
+                    and "," not in rid and b"\\" not in payload):
+                # The frame itself (a right-sized object: holding orjson's buffer made
+                # each call ~6x slower, bench/RESULTS.md "Ledger", round 6); its payload
+                # without the brackets is the CSV line COPY takes. Other fields' types
+                # are Postgres's to check: a wrong one fails the batch, which is then
+                # split and the row typed and fixed (or set aside) on its own.
+                pending.append(data)
             else:
                 pending.append(rec)
         if len(pending) == self._flush_rows and self._wake is not None:
@@ -214,8 +225,6 @@ _PY_TYPES = (
     int, str, int, int, int, int, int, str, str, str, int, str,
 )
 _STR_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is str)
-# A journal payload is (format, *row): accounting.journal.row_tuple.
-_JOURNAL_TYPES = (int, *_PY_TYPES)
 _INT_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is int)
 
 # Fast path: ask which of the batch's rows are logged already (a replay, a retry after
@@ -481,15 +490,19 @@ async def prepare(conn: asyncpg.Connection) -> None:
 def as_record(item: Row) -> UsageRecord:
     """A pending row as a UsageRecord: the ledger holds most rows as their journal
     payload (Ledger.record)."""
-    return decode(b"[" + item + b"]") if type(item) is bytes else item  # type: ignore[return-value]
+    return decode(item[HEADER_SIZE:]) if type(item) is bytes else item  # type: ignore[return-value]
 
 
-def _csv(lines: list[bytes]) -> memoryview:
-    """Pending payloads as COPY CSV input. A journal payload `[1,"req_..",..,"1"]`
-    without its brackets is a CSV line, given what Ledger.record checked (each field of
-    its column's type, no backslash, so no escaped character and no quote inside a
-    string). A memoryview: asyncpg would take bytes for a file name."""
-    return memoryview(b"\n".join(lines) + b"\n")
+_LINE = HEADER_SIZE + 1  # a frame's CSV line: its payload without the brackets
+
+
+def _csv(frames: list[bytes]) -> memoryview:
+    """Pending frames as COPY CSV input. A journal payload `[1,"req_..",..,"1"]` without
+    its brackets is a CSV line, given what Ledger.record checked (no backslash, so no
+    escaped character and no quote inside a string); orjson's unquoted `null` (a field
+    that was None) is read as NULL, which usage_log's NOT NULL refuses. A memoryview:
+    asyncpg would take bytes for a file name."""
+    return memoryview(b"\n".join([f[_LINE:-1] for f in frames]) + b"\n")
 
 
 async def write_batch(
@@ -532,7 +545,7 @@ async def write_batch(
                        if t[0] not in known or (t[0], pg_timestamp(t[1])) not in old]
             if lines:
                 await conn.copy_to_table(_STAGE, source=_csv(lines), columns=_CSV_COLUMNS,
-                                         format="csv")
+                                         format="csv", null="null")
             if new:
                 await conn.copy_records_to_table(_STAGE, records=new, columns=_COLUMNS)
             if new or lines:
@@ -898,8 +911,9 @@ class Flusher:
         parts: list[list[Row]] = [[] for _ in range(n)]
         for rec in batch:
             if isinstance(rec, bytes):
-                # A payload Ledger.record passed: `1,"<id without comma>",<ts>,<user id>,`.
-                uid = int(rec.split(b",", 4)[3])
+                # A frame Ledger.record kept: `[1,"<id without comma>",<ts>,<user id>,`
+                # after the header (whose binary bytes may hold a comma).
+                uid = int(rec[_LINE:].split(b",", 4)[3])
             else:
                 uid = rec.user_id
             parts[uid % n if type(uid) is int else 0].append(rec)
@@ -988,7 +1002,12 @@ class Flusher:
             return [await write_batch(conn, batch, fresh=fresh)]
         except _DATA_ERRORS as exc:
             if len(batch) == 1:
-                return await self._write_sanitized(conn, as_record(batch[0]), exc, bad, fresh)
+                one = batch[0]
+                if isinstance(one, bytes):
+                    # Postgres refused its CSV line: typed, it is fixed where it safely
+                    # can be (a missing text field) or refused with a reason.
+                    return await self._write_isolating(conn, [as_record(one)], bad, fresh)
+                return await self._write_sanitized(conn, one, exc, bad, fresh)
         mid = len(batch) // 2
         first = await self._write_isolating(conn, batch[:mid], bad, fresh)
         return first + await self._write_isolating(conn, batch[mid:], bad, fresh)
