@@ -5,7 +5,7 @@ CRC-32, orjson payload) with `os.write` on an O_APPEND file descriptor: once the
 returns the bytes are in the OS page cache, so they survive the death of the process.
 While a flusher runs, the rows settled in one event-loop iteration are encoded as they
 are recorded and written together by one callback at the end of that iteration
-(`append_frame_deferred`): a kill -9 can lose the rows of the iteration it interrupts,
+(`append_deferred`): a kill -9 can lose the rows of the iteration it interrupts,
 nothing older. Only `fdatasync` is deferred to the flusher's timer
 (`journal_fsync_ms`): a power loss or kernel crash can lose at most that window of
 rows not yet committed in Postgres; a killed process loses none.
@@ -239,7 +239,7 @@ class Journal:
 
     __slots__ = (
         "_buf", "_current", "_dirty", "_name", "_next_no", "_schedule",
-        "_segment_bytes", "_segments", "directory", "seq", "write_errors",
+        "_segment_bytes", "_segments", "directory", "on_encoded", "seq", "write_errors",
     )
 
     def __init__(
@@ -256,7 +256,10 @@ class Journal:
         self._segments: list[Segment] = []
         self._next_no = 0
         self._dirty = False
-        self._buf: list[bytes] = []  # framed rows (frame()) for the end of the iteration
+        self._buf: list[UsageRecord] = []  # rows for the write at the end of the iteration
+        # Called by write_buffered with the first buffered row's seq and each row's
+        # frame (None: not encodable), so the caller can keep the bytes (Ledger does).
+        self.on_encoded: Callable[[int, list[bytes | None]], None] | None = None
         self._schedule: Callable[[Callable[[], None]], object] | None = None
         self.seq = 0  # rows appended so far (written, or buffered to be written)
         self.write_errors = 0
@@ -298,23 +301,20 @@ class Journal:
         return True
 
     def append_deferred(self, rec: UsageRecord) -> None:
-        """`append_frame_deferred(encode(rec))` (raises if `rec` cannot be encoded)."""
-        self.append_frame_deferred(encode(rec))
+        """Take one row for the write at the end of this loop iteration (encoded then
+        too, in one tight loop, so this call costs a list append).
 
-    def append_frame_deferred(self, data: bytes) -> None:
-        """Take one framed row for the write at the end of this loop iteration (a list
-        append: the caller encoded it, and keeps the bytes it needs for Postgres).
-
-        The row takes its sequence number now. If the later write fails, the row keeps
-        its place in the sequence without bytes on disk (counted in `write_errors`):
-        the caller must hold such rows in memory until they are committed.
+        The row takes its sequence number now. If the later write fails, or the row
+        cannot be encoded, it keeps its place in the sequence without bytes on disk
+        (counted in `write_errors`): the caller must hold such rows in memory until
+        they are committed. The caller must not change `rec` afterwards.
         """
         buf = self._buf
         if not buf:
             if self._schedule is None:
                 raise RuntimeError("append_deferred without defer()")
             self._schedule(self.write_buffered)
-        buf.append(data)
+        buf.append(rec)
         self.seq += 1
 
     def defer(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
@@ -329,26 +329,37 @@ class Journal:
         buf = self._buf
         if not buf:
             return
-        data = b"".join(buf)
+        frames: list[bytes | None] = []
+        for rec in buf:
+            try:
+                frames.append(encode(rec))
+            except (AttributeError, TypeError, ValueError):  # orjson: a lone surrogate...
+                frames.append(None)
         rows = len(buf)
+        first = self.seq - rows
         buf.clear()
+        data = b"".join([f for f in frames if f is not None])
+        unencoded = frames.count(None)
+        self.write_errors += unencoded
         seg = self._current
         if seg.size >= self._segment_bytes:
-            seg = self._rotate(first_seq=self.seq - rows)
+            seg = self._rotate(first_seq=first)
         try:
             n = os.write(seg.fd, data)
         except OSError:
             n = -1
         seg.count += rows
         if n != len(data):
-            self.write_errors += rows
+            self.write_errors += rows - unencoded
             try:
                 os.ftruncate(seg.fd, seg.size)
             except OSError:
                 pass
-            return
-        seg.size += n
-        self._dirty = True
+        else:
+            seg.size += n
+            self._dirty = True
+        if self.on_encoded is not None:
+            self.on_encoded(first, frames)
 
     # --- flusher side -----------------------------------------------------------------
 

@@ -62,8 +62,7 @@ from accounting.journal import (
     Journal,
     dead_segments,
     decode,
-    frame,
-    row_tuple,
+    encode,
 )
 from accounting.records import UsageRecord
 
@@ -121,32 +120,35 @@ class Ledger:
         per row; a kill -9 loses at most the rows settled in the current iteration.
         """
         if self.journal is not None:
+            self.journal.on_encoded = self._encoded if loop is not None else None
             self.journal.defer(loop.call_soon if loop is not None else None)
             self._defer = loop is not None
 
     def record(self, rec: UsageRecord) -> None:
         """Take one settled row. Synchronous, no lock, no await, never raises.
 
-        With a journal, the row is encoded once here: the same frame goes to the
-        journal and, unless its time or id is odd or a text needs escaping, waits for
-        the flusher, which sends its payload to Postgres as it is (a CSV line, see
-        write_batch): no per-row work in the flusher, and memory holds bytes, which the
-        garbage collector never walks, instead of objects.
+        With a journal, each row is encoded once: while writes are deferred, by the
+        journal's write at the end of the loop iteration (all of the iteration's rows in
+        one tight loop, `_encoded`), otherwise here. The frame then replaces the record
+        in `pending` unless its time or id is odd or a text needs escaping: the flusher
+        sends its payload to Postgres as it is (a CSV line, see write_batch), with no
+        per-row work, and memory holds bytes, which the garbage collector never walks.
         """
         pending = self.pending
         journal = self.journal
         if journal is None:
             pending.append(rec)
+        elif self._defer and self._spill is None and len(pending) < self._max:
+            journal.append_deferred(rec)  # a failed write later: the row is in memory
+            pending.append(rec)
         else:
             try:
-                t = row_tuple(rec)
-                payload = orjson.dumps(t)
+                data = encode(rec)
             except (AttributeError, TypeError, ValueError):  # orjson: a lone surrogate, an int past 64 bits
                 # Not journalable as it is: held in memory like a row whose write
                 # failed; the flusher makes its text storable or sets it aside.
                 self.unjournaled.append(rec)
                 return
-            data = frame(payload)
             if self._spill is not None or len(pending) >= self._max:
                 # Spilling: the journal is the only copy, so write it now.
                 if self._spill is None:
@@ -154,24 +156,26 @@ class Ledger:
                 if not journal.append_frame(data):
                     self.unjournaled.append(rec)
                 return
-            if self._defer:
-                journal.append_frame_deferred(data)  # a failed write later: the row is in memory
-            elif not journal.append_frame(data):
+            if not journal.append_frame(data):
                 self.unjournaled.append(rec)
                 return
-            ts, rid = t[2], t[1]
-            if (type(ts) is float and _TS_MIN <= ts <= _TS_MAX and type(rid) is str and rid
-                    and "," not in rid and b"\\" not in payload):
-                # The frame itself (a right-sized object: holding orjson's buffer made
-                # each call ~6x slower, bench/RESULTS.md "Ledger", round 6); its payload
-                # without the brackets is the CSV line COPY takes. Other fields' types
-                # are Postgres's to check: a wrong one fails the batch, which is then
-                # split and the row typed and fixed (or set aside) on its own.
-                pending.append(data)
-            else:
-                pending.append(rec)
+            pending.append(data if _csv_ready(rec, data) else rec)
         if len(pending) == self._flush_rows and self._wake is not None:
             self._wake()
+
+    def _encoded(self, first_seq: int, frames: list[bytes | None]) -> None:
+        """The journal wrote (or tried to write) the rows from `first_seq` on: keep their
+        frames in place of the records. A row the flusher has taken meanwhile keeps
+        the record in its batch, which is as good."""
+        pending = self.pending
+        base = first_seq - self.head_seq
+        n = len(pending)
+        for i, data in enumerate(frames):
+            j = base + i
+            if data is not None and 0 <= j < n:
+                rec = pending[j]
+                if type(rec) is UsageRecord and _csv_ready(rec, data):
+                    pending[j] = data
 
     # --- flusher side -----------------------------------------------------------------
 
@@ -365,6 +369,17 @@ _CHARGE_KEYS = (
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_UNIX = 946_684_800.0
 _TS_MIN, _TS_MAX = 0.0, 253_402_300_799.0  # 1970 .. 9999
+
+
+def _csv_ready(rec: UsageRecord, data: bytes) -> bool:
+    """Whether `data`, the frame of `rec`, can go to Postgres as a CSV line (_csv): a
+    plain float time in range, an id without a comma (the catch-up split reads the user
+    id by position) and no backslash in the payload (so no escaped character and no
+    quote inside a string). Other fields' types are Postgres's to check: a wrong one
+    fails the batch, which is split and the row typed and fixed (or set aside) alone."""
+    ts, rid = rec.ts, rec.request_id
+    return (type(ts) is float and _TS_MIN <= ts <= _TS_MAX and type(rid) is str
+            and rid != "" and "," not in rid and data.find(b"\\", HEADER_SIZE) < 0)
 
 
 def pg_timestamp(ts: float) -> datetime:

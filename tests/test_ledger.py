@@ -439,8 +439,12 @@ async def test_deferred_journal_writes_land_once_per_loop_iteration(tmp_path: Pa
         ledger.record(r)
     path = journal.paths[0]
     assert read_file(path) == b"" and journal.seq == 50  # buffered, not yet written
+    assert ledger.pending == rows  # records until the write encodes them
     await asyncio.sleep(0)
     assert jn.parse(read_file(path))[0] == rows  # one write at the iteration's end
+    # The write's frames replaced the records: what the flusher sends as CSV.
+    assert all(type(x) is bytes for x in ledger.pending)
+    assert [as_record(x) for x in ledger.pending] == rows
     ledger.defer_writes(None)
     ledger.record(rows[0])  # immediate again
     assert len(jn.parse(read_file(path))[0]) == 51
@@ -722,3 +726,25 @@ async def test_an_unencodable_row_is_billed_with_its_text_made_storable(
     assert await pg.fetchval("SELECT model FROM usage_log WHERE request_id = $1",
                              bad.request_id) == "lone ? surrogate"
     assert await balance(pg, uid) == 10**9 - 11
+
+
+async def test_a_deferred_row_orjson_cannot_encode_stays_a_record_and_the_rest_are_written(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path, name="defer-surrogate")
+    ledger = Ledger(journal)
+    ledger.defer_writes(asyncio.get_running_loop())
+    rows = [rec(1, 1, i) for i in range(5)]
+    rows[2].model = "lone \ud800 surrogate"
+    for r in rows:
+        ledger.record(r)
+    await asyncio.sleep(0)
+    assert jn.parse(read_file(journal.paths[0]))[0] == rows[:2] + rows[3:]
+    assert journal.write_errors == 1 and journal.seq == 5
+    assert [type(x) for x in ledger.pending] == [bytes, bytes, UsageRecord, bytes, bytes]
+    assert ledger.pending[2] is rows[2]  # held in memory, flushed on the typed path
+    ledger.record(rec(1, 1, 9))  # later rows are journaled as usual
+    await asyncio.sleep(0)
+    assert len(jn.parse(read_file(journal.paths[0]))[0]) == 5
+    ledger.defer_writes(None)
+    journal.close(delete=True)
