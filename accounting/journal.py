@@ -3,9 +3,9 @@
 Every row the ledger records is written here as one framed record (magic, length,
 CRC-32, orjson payload) with `os.write` on an O_APPEND file descriptor: once the call
 returns the bytes are in the OS page cache, so they survive the death of the process.
-While a flusher runs, the rows settled in one event-loop iteration are encoded as they
-are recorded and written together by one callback at the end of that iteration
-(`append_deferred`): a kill -9 can lose the rows of the iteration it interrupts,
+While a flusher runs, the rows settled in one event-loop iteration are encoded and
+written together by one callback at the end of that iteration (`append_deferred`),
+which hands the frames back (`on_encoded`): a kill -9 can lose the rows of the iteration it interrupts,
 nothing older. Only `fdatasync` is deferred to the flusher's timer
 (`journal_fsync_ms`): a power loss or kernel crash can lose at most that window of
 rows not yet committed in Postgres; a killed process loses none.
@@ -30,7 +30,6 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -46,28 +45,24 @@ SUFFIX = ".wal"
 _MAGIC_BYTES = struct.pack("<H", MAGIC)
 
 
-def row_tuple(rec: UsageRecord) -> tuple[Any, ...]:
-    """The positional payload of `rec`: the format number, then usage_log's columns in
-    accounting.ledger's order. Positional (not a dict): half the bytes, twice the speed."""
+# What orjson raises on a row it cannot encode (a lone surrogate, an int past 64 bits,
+# a field of the wrong kind): the row cannot be journaled as it is.
+UNENCODABLE = (AttributeError, TypeError, ValueError)
+
+
+def encode(rec: UsageRecord) -> bytes:
+    """One framed record (raises one of UNENCODABLE if orjson cannot encode a field).
+    Positional (not a dict): half the bytes, twice the speed."""
     u = rec.usage
-    return (
+    payload = orjson.dumps((
         _FORMAT, rec.request_id, rec.ts, rec.user_id, rec.key_id, rec.group, rec.model,
         rec.upstream_model, rec.channel, rec.protocol, rec.route, rec.stream, rec.status,
         rec.error_code, u.input, u.output, u.cache_read, u.cache_write, u.reasoning,
         rec.usage_source, rec.cost_nano, rec.price_version, rec.latency_ms, rec.ttfb_ms,
         rec.attempts, rec.channels_tried, rec.client_request_id, rec.client_ip, rec.plan_id,
         rec.multiplier,
-    )
-
-
-def frame(payload: bytes) -> bytes:
-    """`payload` framed: magic, length, CRC-32."""
+    ))
     return _HDR.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def encode(rec: UsageRecord) -> bytes:
-    """One framed record (raises if orjson cannot encode a field, e.g. a lone surrogate)."""
-    return frame(orjson.dumps(row_tuple(rec)))
 
 
 def decode(payload: bytes) -> UsageRecord:
@@ -276,7 +271,7 @@ class Journal:
         return self.append_frame(encode(rec))
 
     def append_frame(self, data: bytes) -> bool:
-        """Write one framed row (`frame()`) now; False if it could not be written in full."""
+        """Write one framed row (`encode()`) now; False if it could not be written in full."""
         if self._buf:
             self.write_buffered()  # keep the file in append order
         seg = self._current
@@ -333,7 +328,7 @@ class Journal:
         for rec in buf:
             try:
                 frames.append(encode(rec))
-            except (AttributeError, TypeError, ValueError):  # orjson: a lone surrogate...
+            except UNENCODABLE:
                 frames.append(None)
         rows = len(buf)
         first = self.seq - rows

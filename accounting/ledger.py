@@ -1,10 +1,10 @@
 """The usage ledger: a synchronous in-memory recorder and the task that flushes it.
 
-`Ledger.record()` is on the hot path of every request: it encodes the row once, hands
-the frame to the local journal (see accounting.journal: written once per event-loop
-iteration while a flusher runs, at once otherwise) and appends the row to a list: as
-its frame, whose payload is also a COPY CSV line, unless a text needs escaping or
-its time or id is odd (nearly never), else as the record. It never awaits,
+`Ledger.record()` is on the hot path of every request: it hands the row to the local
+journal (see accounting.journal: encoded and written once per event-loop iteration
+while a flusher runs, at once otherwise) and appends it to a list, where the journal's
+frame of the row replaces it once encoded, unless a text needs escaping or its time or
+id is odd (nearly never): the frame's payload is also a COPY CSV line. It never awaits,
 locks or talks to Postgres. `Flusher` is the only thing that does: every
 `flush_interval_ms` (or sooner when `flush_rows` are pending) it moves a batch into
 Postgres in one transaction:
@@ -57,6 +57,7 @@ import orjson
 from accounting import plans as plan_credit
 from accounting.journal import (
     HEADER_SIZE,
+    UNENCODABLE,
     Cursor,
     DeadSegment,
     Journal,
@@ -144,7 +145,7 @@ class Ledger:
         else:
             try:
                 data = encode(rec)
-            except (AttributeError, TypeError, ValueError):  # orjson: a lone surrogate, an int past 64 bits
+            except UNENCODABLE:
                 # Not journalable as it is: held in memory like a row whose write
                 # failed; the flusher makes its text storable or sets it aside.
                 self.unjournaled.append(rec)
@@ -504,8 +505,8 @@ async def prepare(conn: asyncpg.Connection) -> None:
 
 def as_record(item: Row) -> UsageRecord:
     """A pending row as a UsageRecord: the ledger holds most rows as their journal
-    payload (Ledger.record)."""
-    return decode(item[HEADER_SIZE:]) if type(item) is bytes else item  # type: ignore[return-value]
+    frame (Ledger.record)."""
+    return decode(item[HEADER_SIZE:]) if isinstance(item, bytes) else item
 
 
 _LINE = HEADER_SIZE + 1  # a frame's CSV line: its payload without the brackets
@@ -536,13 +537,14 @@ async def write_batch(
     """
     lines: list[bytes] = []
     if fresh:
-        # Journal payloads go to Postgres as they are; records (rows that needed a check
+        # Journal frames go to Postgres as they are; records (rows that needed a check
         # or escaping) are typed and COPYed in binary.
-        lines = [x for x in batch if type(x) is bytes]
-        records = [x for x in batch if type(x) is not bytes] if len(lines) < len(batch) else []
+        lines = [x for x in batch if isinstance(x, bytes)]
+        records = ([x for x in batch if not isinstance(x, bytes)]
+                   if len(lines) < len(batch) else [])
     else:
         records = [as_record(x) for x in batch]
-    rows, rejected = prepare_rows(records)  # type: ignore[arg-type]
+    rows, rejected = prepare_rows(records)
     if not rows and not lines:
         return FlushResult(0, {}, {}, {}, rejected)
     try:

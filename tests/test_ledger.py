@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from accounting import journal as jn
+from accounting import ledger as ledger_mod
 from accounting import reports
 from accounting.journal import Journal
 from accounting.ledger import Flusher, Ledger, as_record, pg_timestamp, write_batch
@@ -629,14 +630,6 @@ async def test_steady_traffic_is_flushed_once_per_interval_and_a_full_batch_at_o
     assert await balance(pg, uid) == 10**12 - n - 1000
 
 
-def _logged_columns() -> str:
-    return ("request_id, ts, user_id, key_id, group_name, model, upstream_model, channel,"
-            " protocol, route, stream, status, error_code, input_tokens, output_tokens,"
-            " cache_read_tokens, cache_write_tokens, reasoning_tokens, usage_source, cost_nano,"
-            " price_version, latency_ms, ttfb_ms, attempts, channels_tried, client_request_id,"
-            " client_ip, plan_id, multiplier")
-
-
 async def test_payload_rows_are_logged_exactly_as_typed_rows_are(
     pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -675,7 +668,7 @@ async def test_payload_rows_are_logged_exactly_as_typed_rows_are(
     assert flusher.flushed_rows == len(rows) and flusher.deadletter_rows == 0
 
     ids = [r.request_id for r in rows]
-    got = await pg.fetch(f"SELECT {_logged_columns()} FROM usage_log WHERE request_id = ANY($1)"
+    got = await pg.fetch(f"SELECT {ledger_mod._COLS} FROM usage_log WHERE request_id = ANY($1)"
                          " ORDER BY request_id", ids)
     await pg.execute("DELETE FROM usage_log WHERE request_id = ANY($1)", ids)
     typed = Ledger(None, flush_rows=1000)  # no journal: every row through the binary COPY
@@ -685,7 +678,7 @@ async def test_payload_rows_are_logged_exactly_as_typed_rows_are(
     flusher = Flusher(typed, pg_dsn, flush_interval_ms=10, flush_rows=1000)
     flusher.start()
     assert await flusher.stop(timeout=30)
-    want = await pg.fetch(f"SELECT {_logged_columns()} FROM usage_log WHERE request_id = ANY($1)"
+    want = await pg.fetch(f"SELECT {ledger_mod._COLS} FROM usage_log WHERE request_id = ANY($1)"
                           " ORDER BY request_id", ids)
     assert len(got) == len(rows) and [tuple(g) for g in got] == [tuple(w) for w in want]
     by_id = {g["request_id"]: g for g in got}
