@@ -65,14 +65,14 @@ from accounting.journal import (
     decode,
     encode,
 )
-from accounting.records import UsageRecord
+from accounting.records import UsageRecord, UsageRow
 
 log = logging.getLogger(__name__)
 
 OnFlushed = Callable[[dict[int, int], dict[int, int]], None]
 # A row waiting for the flusher: its journal frame (bytes, see Ledger.record) or, when it
-# needs checking or escaping first, the record itself.
-Row = UsageRecord | bytes
+# needs checking or escaping first or is not encoded yet, the record or flat row itself.
+Row = UsageRecord | UsageRow | bytes
 
 
 class LedgerSettings(Protocol):
@@ -125,8 +125,11 @@ class Ledger:
             self.journal.defer(loop.call_soon if loop is not None else None)
             self._defer = loop is not None
 
-    def record(self, rec: UsageRecord) -> None:
+    def record(self, rec: UsageRecord | UsageRow) -> None:
         """Take one settled row. Synchronous, no lock, no await, never raises.
+
+        The gateway passes the flat row (accounting.records.UsageRow), which is cheaper
+        to build and to encode than a UsageRecord; both are accepted.
 
         With a journal, each row is encoded once: while writes are deferred, by the
         journal's write at the end of the loop iteration (all of the iteration's rows in
@@ -148,17 +151,17 @@ class Ledger:
             except UNENCODABLE:
                 # Not journalable as it is: held in memory like a row whose write
                 # failed; the flusher makes its text storable or sets it aside.
-                self.unjournaled.append(rec)
+                self.unjournaled.append(as_record(rec))
                 return
             if self._spill is not None or len(pending) >= self._max:
                 # Spilling: the journal is the only copy, so write it now.
                 if self._spill is None:
                     self._spill = journal.tail()
                 if not journal.append_frame(data):
-                    self.unjournaled.append(rec)
+                    self.unjournaled.append(as_record(rec))
                 return
             if not journal.append_frame(data):
-                self.unjournaled.append(rec)
+                self.unjournaled.append(as_record(rec))
                 return
             pending.append(data if _csv_ready(rec, data) else rec)
         if len(pending) == self._flush_rows and self._wake is not None:
@@ -175,7 +178,7 @@ class Ledger:
             j = base + i
             if data is not None and 0 <= j < n:
                 rec = pending[j]
-                if type(rec) is UsageRecord and _csv_ready(rec, data):
+                if not isinstance(rec, bytes) and _csv_ready(rec, data):
                     pending[j] = data
 
     # --- flusher side -----------------------------------------------------------------
@@ -372,13 +375,16 @@ _PG_EPOCH_UNIX = 946_684_800.0
 _TS_MIN, _TS_MAX = 0.0, 253_402_300_799.0  # 1970 .. 9999
 
 
-def _csv_ready(rec: UsageRecord, data: bytes) -> bool:
+def _csv_ready(rec: UsageRecord | UsageRow, data: bytes) -> bool:
     """Whether `data`, the frame of `rec`, can go to Postgres as a CSV line (_csv): a
     plain float time in range, an id without a comma (the catch-up split reads the user
     id by position) and no backslash in the payload (so no escaped character and no
     quote inside a string). Other fields' types are Postgres's to check: a wrong one
     fails the batch, which is split and the row typed and fixed (or set aside) alone."""
-    ts, rid = rec.ts, rec.request_id
+    if isinstance(rec, tuple):
+        ts, rid = rec[2], rec[1]
+    else:
+        ts, rid = rec.ts, rec.request_id
     return (type(ts) is float and _TS_MIN <= ts <= _TS_MAX and type(rid) is str
             and rid != "" and "," not in rid and data.find(b"\\", HEADER_SIZE) < 0)
 
@@ -505,8 +511,12 @@ async def prepare(conn: asyncpg.Connection) -> None:
 
 def as_record(item: Row) -> UsageRecord:
     """A pending row as a UsageRecord: the ledger holds most rows as their journal
-    frame (Ledger.record)."""
-    return decode(item[HEADER_SIZE:]) if isinstance(item, bytes) else item
+    frame (Ledger.record), and a row recorded in this loop iteration as it came."""
+    if isinstance(item, bytes):
+        return decode(item[HEADER_SIZE:])
+    if isinstance(item, tuple):
+        return UsageRecord.from_row(item)
+    return item
 
 
 _LINE = HEADER_SIZE + 1  # a frame's CSV line: its payload without the brackets
@@ -540,7 +550,7 @@ async def write_batch(
         # Journal frames go to Postgres as they are; records (rows that needed a check
         # or escaping) are typed and COPYed in binary.
         lines = [x for x in batch if isinstance(x, bytes)]
-        records = ([x for x in batch if not isinstance(x, bytes)]
+        records = ([as_record(x) for x in batch if not isinstance(x, bytes)]
                    if len(lines) < len(batch) else [])
     else:
         records = [as_record(x) for x in batch]
@@ -931,6 +941,8 @@ class Flusher:
                 # A frame Ledger.record kept: `[1,"<id without comma>",<ts>,<user id>,`
                 # after the header (whose binary bytes may hold a comma).
                 uid = int(rec[_LINE:].split(b",", 4)[3])
+            elif isinstance(rec, tuple):
+                uid = rec[3]
             else:
                 uid = rec.user_id
             parts[uid % n if type(uid) is int else 0].append(rec)
@@ -1024,7 +1036,7 @@ class Flusher:
                     # Postgres refused its CSV line: typed, it is fixed where it safely
                     # can be (a missing text field) or refused with a reason.
                     return await self._write_isolating(conn, [as_record(one)], bad, fresh)
-                return await self._write_sanitized(conn, one, exc, bad, fresh)
+                return await self._write_sanitized(conn, as_record(one), exc, bad, fresh)
         mid = len(batch) // 2
         first = await self._write_isolating(conn, batch[:mid], bad, fresh)
         return first + await self._write_isolating(conn, batch[mid:], bad, fresh)

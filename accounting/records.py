@@ -9,6 +9,15 @@ already excludes cache reads and writes. This module does no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+# A settled row as one flat tuple, the journal's payload (accounting.journal): ROW_FORMAT,
+# then the UsageRecord fields in declaration order with `usage` spread into its five
+# counts. The gateway builds this tuple directly at settlement (relay.app): 26 keyword
+# arguments to a dataclass cost 1.3 us, the tuple 0.1 us, and encoding it needs no
+# attribute gathering. `UsageRecord.row()` and `UsageRecord.from_row()` convert.
+UsageRow = tuple[Any, ...]
+ROW_FORMAT = 1  # first element of every row, so the layout can evolve
 
 
 @dataclass(slots=True)
@@ -57,3 +66,35 @@ class UsageRecord:
     client_ip: str = ""
     plan_id: int = 0  # subscription drawn on, 0: the user's balance
     multiplier: str = "1"  # the price multiplier applied, as an exact fraction ("4/5")
+
+    def row(self) -> UsageRow:
+        """This record as a flat row (see UsageRow)."""
+        u = self.usage
+        return (
+            ROW_FORMAT, self.request_id, self.ts, self.user_id, self.key_id, self.group,
+            self.model, self.upstream_model, self.channel, self.protocol, self.route,
+            self.stream, self.status, self.error_code, u.input, u.output, u.cache_read,
+            u.cache_write, u.reasoning, self.usage_source, self.cost_nano,
+            self.price_version, self.latency_ms, self.ttfb_ms, self.attempts,
+            self.channels_tried, self.client_request_id, self.client_ip, self.plan_id,
+            self.multiplier,
+        )
+
+    @classmethod
+    def from_row(cls, t: UsageRow | list[Any]) -> UsageRecord:
+        """The record of a flat row (raises ValueError on an unknown format)."""
+        if t[0] != ROW_FORMAT:
+            raise ValueError(f"unknown usage row format {t[0]!r}")
+        return cls(
+            request_id=t[1], ts=t[2], user_id=t[3], key_id=t[4], group=t[5], model=t[6],
+            upstream_model=t[7], channel=t[8], protocol=t[9], route=t[10], stream=t[11],
+            status=t[12], error_code=t[13],
+            usage=Usage(input=t[14], output=t[15], cache_read=t[16], cache_write=t[17],
+                        reasoning=t[18]),
+            usage_source=t[19], cost_nano=t[20], price_version=t[21], latency_ms=t[22],
+            ttfb_ms=t[23], attempts=t[24], channels_tried=t[25], client_request_id=t[26],
+            client_ip=t[27], plan_id=t[28],
+            # Appended fields. A row written before `multiplier` existed reads "" (not
+            # recorded), which reports explain with the group's multiplier.
+            multiplier=t[29] if len(t) > 29 else "",
+        )

@@ -681,6 +681,18 @@ async def test_payload_rows_are_logged_exactly_as_typed_rows_are(
     want = await pg.fetch(f"SELECT {ledger_mod._COLS} FROM usage_log WHERE request_id = ANY($1)"
                           " ORDER BY request_id", ids)
     assert len(got) == len(rows) and [tuple(g) for g in got] == [tuple(w) for w in want]
+    # The gateway records flat rows (UsageRow), not records: the same values again.
+    await pg.execute("DELETE FROM usage_log WHERE request_id = ANY($1)", ids)
+    flat = Ledger(Journal(tmp_path, name="flat"), flush_rows=1000)
+    for r in rows:
+        flat.record(r.row())
+    assert [type(x) for x in flat.pending] == [tuple if k is UsageRecord else k for k in kinds]
+    flusher = Flusher(flat, pg_dsn, flush_interval_ms=10, flush_rows=1000)
+    flusher.start()
+    assert await flusher.stop(timeout=30)
+    again = await pg.fetch(f"SELECT {ledger_mod._COLS} FROM usage_log WHERE request_id = ANY($1)"
+                           " ORDER BY request_id", ids)
+    assert [tuple(g) for g in again] == [tuple(w) for w in want]
     by_id = {g["request_id"]: g for g in got}
     for r in shapes:
         g = by_id[r.request_id]
