@@ -51,6 +51,7 @@ from relay.upstream import UpstreamPool, build_request
 log = logging.getLogger("tollway.relay")
 _RID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _NO_USAGE = Usage()  # read only: the counts of a row with no usage
+_ONE = Fraction(1)  # immutable; building one per request cost 0.3 us twice
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +308,7 @@ class Gateway:
         channel: Channel | None = None
         upstream_model = ""
         price = None
-        multiplier = Fraction(1)
+        multiplier = _ONE
         attempts = 0
         tried: list[str] = []
         error: GatewayError | None = None
@@ -341,7 +342,7 @@ class Gateway:
                     price = self.pricebook.lookup(model)
                 except LookupError as exc:
                     raise E.ModelNotFound(str(exc))
-                multiplier = self.groups.multiplier.get(key.group, Fraction(1))
+                multiplier = self.groups.multiplier.get(key.group, _ONE)
             if self.limiter is not None:
                 lease = await self._admit(key, model, body, req, price, multiplier, allowed)
             elif not allowed:
@@ -633,7 +634,16 @@ def breaker_factory(cfg: Config) -> Callable[[], Breaker]:
 
 
 def _fraction_str(f: Fraction) -> str:
-    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+    # A group's multiplier is one object until the groups reload: remember its text
+    # (Fraction's numerator/denominator are Python properties, slow per request).
+    if f is _last_fraction[0]:
+        return _last_fraction[1]
+    text = str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+    _last_fraction[:] = [f, text]
+    return text
+
+
+_last_fraction: list[Any] = [_ONE, "1"]
 
 
 def _query(req: Request) -> bytes:
