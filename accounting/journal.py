@@ -66,7 +66,20 @@ def parse(buf: bytes, *, final: bool = True) -> tuple[list[UsageRecord], int, in
     With `final=False` an incomplete frame at the end is left unconsumed (the caller
     reads more); with `final=True` it is a torn write and counted as skipped.
     """
+    frames, pos, skipped = parse_frames(buf, final=final)
     out: list[UsageRecord] = []
+    for f in frames:
+        try:
+            out.append(decode(f[_HDR_SIZE:]))
+        except (ValueError, TypeError, IndexError, KeyError, orjson.JSONDecodeError):
+            pass  # CRC-valid but not ours: skip the frame
+    return out, pos, skipped
+
+
+def parse_frames(buf: bytes, *, final: bool = True) -> tuple[list[bytes], int, int]:
+    """The CRC-valid frames in `buf` as they are (header included): (frames, bytes
+    consumed, bytes skipped as corrupt); `final` as in `parse`."""
+    out: list[bytes] = []
     pos = 0
     skipped = 0
     end = len(buf)
@@ -76,15 +89,10 @@ def parse(buf: bytes, *, final: bool = True) -> tuple[list[UsageRecord], int, in
         if magic == MAGIC and length <= _MAX_PAYLOAD:
             if start + length > end:
                 break  # incomplete: more bytes to come, or a torn tail
-            payload = buf[start:start + length]
-            if zlib.crc32(payload) == crc:
-                try:
-                    out.append(decode(payload))
-                except (ValueError, TypeError, IndexError, orjson.JSONDecodeError):
-                    pass  # CRC-valid but not ours: skip the frame
-                else:
-                    pos = start + length
-                    continue
+            if zlib.crc32(buf[start:start + length]) == crc:
+                out.append(buf[pos:start + length])
+                pos = start + length
+                continue
         # Corrupt frame: resynchronise on the next magic and try again from there.
         nxt = buf.find(_MAGIC_BYTES, pos + 1)
         nxt = end if nxt < 0 else nxt
@@ -210,7 +218,8 @@ class Journal:
 
     __slots__ = (
         "_buf", "_current", "_dirty", "_name", "_next_no", "_schedule",
-        "_segment_bytes", "_segments", "directory", "on_encoded", "seq", "write_errors",
+        "_segment_bytes", "_segments", "directory", "on_encoded", "on_unwritten", "seq",
+        "write_errors",
     )
 
     def __init__(
@@ -231,6 +240,9 @@ class Journal:
         # Called by write_buffered with the first buffered row's seq and each row's
         # frame (None: not encodable), so the caller can keep the bytes (Ledger does).
         self.on_encoded: Callable[[int, list[bytes | None]], None] | None = None
+        # Called by write_buffered with the rows that are not on disk (not encodable, or
+        # the write failed), for a caller that keeps no other copy (Ledger(keep=False)).
+        self.on_unwritten: Callable[[list[UsageRecord | UsageRow]], None] | None = None
         self._schedule: Callable[[Callable[[], None]], object] | None = None
         self.seq = 0  # rows appended so far (written, or buffered to be written)
         self.write_errors = 0
@@ -308,9 +320,9 @@ class Journal:
                 frames.append(None)
         rows = len(buf)
         first = self.seq - rows
-        buf.clear()
-        data = b"".join([f for f in frames if f is not None])
+        self._buf = []  # `buf` is kept for on_unwritten
         unencoded = frames.count(None)
+        data = b"".join([f for f in frames if f is not None] if unencoded else frames)  # type: ignore[arg-type]
         self.write_errors += unencoded
         seg = self._current
         if seg.size >= self._segment_bytes:
@@ -326,9 +338,13 @@ class Journal:
                 os.ftruncate(seg.fd, seg.size)
             except OSError:
                 pass
+            if self.on_unwritten is not None:
+                self.on_unwritten(buf)
         else:
             seg.size += n
             self._dirty = True
+            if unencoded and self.on_unwritten is not None:
+                self.on_unwritten([r for r, f in zip(buf, frames, strict=True) if f is None])
         if self.on_encoded is not None:
             self.on_encoded(first, frames)
 
@@ -347,7 +363,9 @@ class Journal:
             except FileExistsError:
                 continue
             break
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Blocking: nobody else can hold a file created just now but a ledger process's
+        # liveness probe (accounting.ledgerd), which lets go at once.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         seg = Segment(no=no, path=path, fd=fd,
                       first_seq=self.seq - len(self._buf) if first_seq is None else first_seq)
         self._segments.append(seg)
@@ -355,6 +373,11 @@ class Journal:
 
     def _rotate(self, first_seq: int | None = None) -> Segment:
         self._current = self._open_segment(first_seq)
+        # Segments a ledger process deleted (accounting.ledgerd) leave only our fd.
+        gone = [seg for seg in self._segments[:-1] if _unlinked(seg.fd)]
+        for seg in gone:
+            self._segments.remove(seg)
+            os.close(seg.fd)
         return self._current
 
     @property
@@ -386,6 +409,29 @@ class Journal:
         # A fully committed current segment past a quarter of its size is recycled
         # now rather than waiting for it to fill: keeps the directory small.
         if cur.count and cur.first_seq + cur.count <= upto_seq and cur.size >= self._segment_bytes // 4:
+            self._rotate()
+            self._segments.remove(cur)
+            _drop(cur.path, cur.fd)
+            deleted += 1
+        return deleted
+
+    def committed_through(self, segment: int, offset: int) -> int:
+        """A ledger process committed every row of this journal before byte `offset` of
+        segment number `segment` (and of every segment before it): delete what is wholly
+        committed, as `committed` does."""
+        deleted = 0
+        keep = []
+        cur = self._current
+        for seg in self._segments:
+            done = seg.no < segment or (seg.no == segment and offset >= seg.size)
+            if done and seg is not cur:
+                _drop(seg.path, seg.fd)
+                deleted += 1
+            else:
+                keep.append(seg)
+        self._segments = keep
+        if (cur.no == segment and cur.count and offset >= cur.size and not self._buf
+                and cur.size >= self._segment_bytes // 4):
             self._rotate()
             self._segments.remove(cur)
             _drop(cur.path, cur.fd)
@@ -461,6 +507,13 @@ def _frame_end(buf: bytes, n: int) -> int:
         _, length, _ = _HDR.unpack_from(buf, pos)
         pos += _HDR_SIZE + length
     return pos
+
+
+def _unlinked(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
 
 
 def _drop(path: str, fd: int) -> None:

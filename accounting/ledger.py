@@ -96,14 +96,21 @@ class Ledger:
     """Settled rows waiting for the flusher. `record()` is the only hot-path method."""
 
     __slots__ = (
-        "_defer", "_flush_rows", "_max", "_spill", "_wake", "head_seq", "journal", "pending",
-        "unjournaled",
+        "_defer", "_flush_rows", "_keep", "_max", "_spill", "_wake", "head_seq", "journal",
+        "pending", "unjournaled",
     )
 
     def __init__(
-        self, journal: Journal | None, *, max_pending_rows: int = 200_000, flush_rows: int = 5000
+        self, journal: Journal | None, *, max_pending_rows: int = 200_000, flush_rows: int = 5000,
+        keep: bool = True,
     ) -> None:
         self.journal = journal
+        # keep=False (a journal is required): rows go to the journal only, and a ledger
+        # process (accounting.ledgerd) reads them from there and flushes them. Only rows
+        # the journal could not take stay here (`unjournaled`), for this process's flusher.
+        self._keep = keep or journal is None
+        if not self._keep and journal is not None:
+            journal.on_unwritten = self._unwritten
         self.pending: list[Row] = []  # journal seqs [head_seq, head_seq + len)
         self.head_seq = journal.seq if journal is not None else 0
         # Rows whose journal write failed (disk full): kept in memory whatever the bound.
@@ -121,7 +128,7 @@ class Ledger:
         per row; a kill -9 loses at most the rows settled in the current iteration.
         """
         if self.journal is not None:
-            self.journal.on_encoded = self._encoded if loop is not None else None
+            self.journal.on_encoded = self._encoded if loop is not None and self._keep else None
             self.journal.defer(loop.call_soon if loop is not None else None)
             self._defer = loop is not None
 
@@ -144,7 +151,10 @@ class Ledger:
             pending.append(rec)
         elif self._defer and self._spill is None and len(pending) < self._max:
             journal.append_deferred(rec)  # a failed write later: the row is in memory
-            pending.append(rec)
+            if self._keep:
+                pending.append(rec)
+            else:
+                return
         else:
             try:
                 data = encode(rec)
@@ -152,6 +162,10 @@ class Ledger:
                 # Not journalable as it is: held in memory like a row whose write
                 # failed; the flusher makes its text storable or sets it aside.
                 self.unjournaled.append(as_record(rec))
+                return
+            if not self._keep:
+                if not journal.append_frame(data):
+                    self.unjournaled.append(as_record(rec))
                 return
             if self._spill is not None or len(pending) >= self._max:
                 # Spilling: the journal is the only copy, so write it now.
@@ -165,6 +179,12 @@ class Ledger:
                 return
             pending.append(data if _csv_ready(rec, data) else rec)
         if len(pending) == self._flush_rows and self._wake is not None:
+            self._wake()
+
+    def _unwritten(self, rows: list[UsageRecord | UsageRow]) -> None:
+        """keep=False: rows the journal could not write are held here, as in record()."""
+        self.unjournaled.extend(as_record(r) for r in rows)
+        if self._wake is not None:
             self._wake()
 
     def _encoded(self, first_seq: int, frames: list[bytes | None]) -> None:
@@ -375,16 +395,16 @@ _PG_EPOCH_UNIX = 946_684_800.0
 _TS_MIN, _TS_MAX = 0.0, 253_402_300_799.0  # 1970 .. 9999
 
 
-def _csv_ready(rec: UsageRecord | UsageRow, data: bytes) -> bool:
+def _csv_ready(rec: UsageRecord | UsageRow | list[Any], data: bytes) -> bool:
     """Whether `data`, the frame of `rec`, can go to Postgres as a CSV line (_csv): a
     plain float time in range, an id without a comma (the catch-up split reads the user
     id by position) and no backslash in the payload (so no escaped character and no
     quote inside a string). Other fields' types are Postgres's to check: a wrong one
     fails the batch, which is split and the row typed and fixed (or set aside) alone."""
-    if isinstance(rec, tuple):
-        ts, rid = rec[2], rec[1]
-    else:
+    if isinstance(rec, UsageRecord):
         ts, rid = rec.ts, rec.request_id
+    else:  # a flat row, or its decoded list
+        ts, rid = rec[2], rec[1]
     return (type(ts) is float and _TS_MIN <= ts <= _TS_MAX and type(rid) is str
             and rid != "" and "," not in rid and data.find(b"\\", HEADER_SIZE) < 0)
 
@@ -679,6 +699,12 @@ class Flusher:
         self.on_flushed = on_flushed
         # Called with {subscription id: nano} right before on_flushed (limits' plan scopes).
         self.on_plans_flushed: Callable[[dict[int, int]], None] | None = None
+        # Called before each batch's transactions begin (accounting.ledgerd tells the
+        # worker, whose budget snapshots must not straddle a commit).
+        self.on_flush_start: Callable[[], None] | None = None
+        # Whether start() adopts dead workers' journal segments (a ledger process does
+        # that when one runs, and a worker's flusher must leave them to it).
+        self.adopt_dead = True
         self._interval = max(flush_interval_ms, 1) / 1000
         self._flush_rows = max(flush_rows, 1)
         self._max_batch = self._flush_rows * max(max_batch_factor, 1)
@@ -751,7 +777,7 @@ class Flusher:
     def start(self) -> None:
         """Adopt dead workers' journal segments, then flush in the background."""
         journal = self.ledger.journal
-        if journal is not None:
+        if journal is not None and self.adopt_dead:
             self._dead = list(dead_segments(journal.directory, exclude=journal.paths))
         self.ledger._wake = self._wake.set
         loop = asyncio.get_running_loop()
@@ -786,7 +812,8 @@ class Flusher:
         self._dead = []
         journal = self.ledger.journal
         if journal is not None:
-            journal.close(delete=done and self.ledger.backlog == 0)
+            # keep=False: the journal holds rows a ledger process has still to flush.
+            journal.close(delete=done and self.ledger.backlog == 0 and self.ledger._keep)
         for i, conn in enumerate(self._conns):
             if conn is not None:
                 with contextlib.suppress(*_CONNECTION_ERRORS):
@@ -958,6 +985,8 @@ class Flusher:
         then found logged already and charged nothing (write_batch's existing-row check).
         `fresh`: no row of `batch` has been in a transaction before (see write_batch).
         """
+        if self.on_flush_start is not None:
+            self.on_flush_start()
         parts = self._split(batch)
         t0 = time.perf_counter()
         bad: list[tuple[UsageRecord, str]] = []
@@ -1095,9 +1124,15 @@ def open_ledger(
     dsn: str,
     on_flushed: OnFlushed | None = None,
     name: str | None = None,
+    *,
+    keep: bool = True,
 ) -> tuple[Ledger, Flusher]:
-    """The usual wiring: a journal in `journal_dir`, a ledger, and its flusher (not started)."""
+    """The usual wiring: a journal in `journal_dir`, a ledger, and its flusher (not
+    started). `keep=False`: a ledger process flushes the journal (see Ledger), and this
+    flusher takes only the rows the journal could not."""
     journal = Journal(journal_dir, name)
     ledger = Ledger(journal, max_pending_rows=settings.max_pending_rows,
-                    flush_rows=settings.flush_rows)
-    return ledger, Flusher.from_settings(ledger, dsn, settings, on_flushed)
+                    flush_rows=settings.flush_rows, keep=keep)
+    flusher = Flusher.from_settings(ledger, dsn, settings, on_flushed)
+    flusher.adopt_dead = keep
+    return ledger, flusher

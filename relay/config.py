@@ -74,6 +74,9 @@ class LedgerConfig:
     flush_connections: int = 2
     retention_days: int = 90
     charge_zero_output_aborts: bool = False
+    # One ledger process per host flushes every worker's journal (accounting.ledgerd);
+    # false: each worker flushes its own, in its own event loop.
+    process: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ exits. With one worker everything runs in this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -119,7 +120,7 @@ def run(cfg: Config) -> int:
             print(f"tollway: created user 'demo'; demo key (shown once, also in {key_file}):\n"
                   f"  {demo_key}", flush=True)
         mock = _start_mock(cfg)
-        if cfg.server.workers == 1:
+        if cfg.server.workers == 1 and not _ledger_process(cfg):
             worker_main(cfg, dsn, 0, None)
             return 0
         return _supervise(cfg, dsn)
@@ -134,6 +135,17 @@ def run(cfg: Config) -> int:
             embedded.stop()
 
 
+def _ledger_process(cfg: Config) -> bool:
+    return cfg.ledger.process and "ledger" not in _bench_off()
+
+
+def _bench_off() -> set[str]:
+    return {x.strip() for x in os.environ.get("TOLLWAY_BENCH_OFF", "").split(",") if x.strip()}
+
+
+_LEDGER = -1  # the ledger process's index among the supervisor's children
+
+
 def _supervise(cfg: Config, dsn: str) -> int:
     children: dict[int, int] = {}
     stopping = False
@@ -145,9 +157,12 @@ def _supervise(cfg: Config, dsn: str) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                worker_main(cfg, dsn, index, None)
+                if index == _LEDGER:
+                    code = ledger_main(cfg, dsn)
+                else:
+                    worker_main(cfg, dsn, index, None)
             except BaseException:
-                log.exception("worker %d failed", index)
+                log.exception("%s failed", "ledger process" if index == _LEDGER else f"worker {index}")
                 code = 1
             finally:
                 os._exit(code)
@@ -156,7 +171,11 @@ def _supervise(cfg: Config, dsn: str) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        for pid in list(children):
+        # Workers first: they drain and close their journals, which the ledger process
+        # then flushes to the last row before it exits.
+        for pid, index in list(children.items()):
+            if index == _LEDGER:
+                continue
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -164,9 +183,17 @@ def _supervise(cfg: Config, dsn: str) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    ledger = _ledger_process(cfg)
+    if ledger:
+        spawn(_LEDGER)
     for i in range(cfg.server.workers):
         spawn(i)
     while children:
+        if stopping and ledger and set(children.values()) == {_LEDGER}:
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            ledger = False
         try:
             pid, status = os.wait()
         except ChildProcessError:
@@ -177,10 +204,33 @@ def _supervise(cfg: Config, dsn: str) -> int:
         if index is None:
             continue
         if not stopping:
-            log.warning("worker %d (pid %d) exited with status %d; restarting", index, pid, status)
+            log.warning("%s (pid %d) exited with status %d; restarting",
+                        "ledger process" if index == _LEDGER else f"worker {index}", pid, status)
             time.sleep(0.2)
             spawn(index)
+        elif index == _LEDGER:
+            print("tollway: stopped (drained, ledger flushed)" if status == 0 else
+                  "tollway: stopped (drained; unflushed rows left in the journal for the next start)",
+                  flush=True)
     return 0
+
+
+def ledger_main(cfg: Config, dsn: str) -> int:
+    """Run the ledger process (accounting.ledgerd) until SIGTERM; 0 once all is flushed."""
+    import uvloop
+
+    return 0 if uvloop.run(_ledger(cfg, dsn)) else 1
+
+
+async def _ledger(cfg: Config, dsn: str) -> bool:
+    from accounting.ledgerd import serve
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    journal_dir = cfg.ledger.journal_dir or str(cfg.data_dir / "journal")
+    return await serve(journal_dir, dsn, cfg.ledger, stop)
 
 
 # --- worker ---------------------------------------------------------------------------
@@ -200,7 +250,7 @@ async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket | None)
     # Benchmarks only: TOLLWAY_BENCH_OFF=limits,ledger measures what each component costs
     # by running the same gateway without it. Never set in production: without the
     # ledger nothing is billed, without limits nothing is enforced.
-    off = {x.strip() for x in os.environ.get("TOLLWAY_BENCH_OFF", "").split(",") if x.strip()}
+    off = _bench_off()
     if off:
         log.warning("TOLLWAY_BENCH_OFF=%s: running without %s (benchmarks only)",
                     ",".join(sorted(off)), " and ".join(sorted(off)))
@@ -219,5 +269,6 @@ async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket | None)
               f"({n} worker{'s' if n > 1 else ''})", flush=True)
     await stop.wait()
     await worker.stop()
-    if index == 0:
+    if index == 0 and not _ledger_process(cfg):
+        # With a ledger process, the supervisor says so once that process has flushed.
         print("tollway: stopped (drained, ledger flushed)", flush=True)

@@ -23,7 +23,9 @@ from typing import Any
 
 from accounting import plans, pricing, store, tokens
 from accounting.db import create_pool
+from accounting.journal import Journal
 from accounting.ledger import open_ledger
+from accounting.ledgerd import LedgerLink
 from accounting.money import parse_multiplier
 from limits.admission import Limiter, anthropic_headers
 from relay import errors as E
@@ -61,6 +63,9 @@ class Worker:
         self.db: Any = None
         self._sync_task: asyncio.Task[None] | None = None
         self._flush_epoch = 0
+        self._flush_open = False  # the ledger process began a batch not yet reported
+        self.link: LedgerLink | None = None
+        self.journal: Journal | None = None
         self._user_version = 0
         self._group_version = 0
         self._price_version = 0
@@ -83,9 +88,18 @@ class Worker:
             # The journal's file name must be unique per process life: a restarted
             # worker must find its predecessor's segments dead (unlocked) and replay them.
             ledger, self.flusher = open_ledger(cfg.ledger, journal_dir, self.dsn,
-                                               on_flushed=self._on_flushed)
+                                               on_flushed=self._on_flushed,
+                                               keep=not cfg.ledger.process)
             self.flusher.on_plans_flushed = self._on_plans_flushed
             self.flusher.start()
+            if cfg.ledger.process:
+                # The ledger process (accounting.ledgerd) flushes this journal; this
+                # flusher only takes rows the journal could not write.
+                assert ledger.journal is not None
+                self.journal = ledger.journal
+                self.link = LedgerLink(journal_dir, ledger.journal.name,
+                                       self._on_flush_begin, self._on_flush_done)
+                self.link.connect()
         metrics = None
         if cfg.metrics.enabled:
             metrics = Metrics(cfg.data_dir / "metrics", cfg.metrics.token)
@@ -153,6 +167,8 @@ class Worker:
             await self.health.stop()
         if self.flusher is not None:
             await self.flusher.stop(timeout=30)
+        if self.link is not None:
+            self.link.close()
         if self.gw is not None:
             self.gw.pool.close()
             if self.gw.limiter is not None:
@@ -168,6 +184,27 @@ class Worker:
         self._flush_epoch += 1
         if self.gw is not None and self.gw.limiter is not None:
             self.gw.limiter.on_flushed(user_deltas, key_deltas)
+
+    def _on_flush_begin(self) -> None:
+        self._flush_open = True
+        self._flush_epoch += 1
+
+    def _on_flush_done(self, msg: dict[str, Any]) -> None:
+        self._flush_open = False
+        self._flush_epoch += 1
+        try:
+            users = {int(i): int(d) for i, d in msg["u"].items()}
+            keys = {int(i): int(d) for i, d in msg["k"].items()}
+            subs = {int(i): int(d) for i, d in msg["p"].items()}
+            at = float(msg["at"])
+            segment, offset = int(msg["s"]), int(msg["o"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            log.warning("ledger process sent a malformed commit report: %r", msg)
+            return
+        if self.gw is not None and self.gw.limiter is not None and (users or keys or subs):
+            self.gw.limiter.on_flushed(users, keys, at, subs)
+        if self.journal is not None:
+            self.journal.committed_through(segment, offset)
 
     def _on_plans_flushed(self, deltas: dict[int, int]) -> None:
         # Runs just before _on_flushed, which bumps the flush epoch for both.
@@ -225,6 +262,14 @@ class Worker:
         limiter = gw.limiter
         if limiter is None:
             return
+        link = self.link
+        if link is not None:
+            if not link.connect():
+                log.warning("ledger process not reachable; budget snapshots wait for it")
+                return
+            link.drain()
+            if self._flush_open:
+                return  # a batch is being committed: its report comes first
         epoch = self._flush_epoch
         async with db.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             users = await conn.fetch(
@@ -234,7 +279,9 @@ class Worker:
                 "SELECT id, spent_nano FROM keys WHERE id = ANY($1::bigint[])",
                 list(limiter.keys))
             budgets = await plans.budgets(conn, list(limiter.plans), datetime.now(UTC))
-        if epoch != self._flush_epoch:
+        if link is not None:
+            link.drain()  # a batch announced before this snapshot's reply is seen now
+        if epoch != self._flush_epoch or self._flush_open:
             return  # a flush committed meanwhile: this snapshot may predate it; next round
         for r in users:
             limiter.apply_user_snapshot(r["id"], r["balance_nano"])

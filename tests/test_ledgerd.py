@@ -1,0 +1,156 @@
+"""The ledger process (accounting.ledgerd): workers only journal, one process flushes.
+
+Real Postgres, real journal files, the real unix socket between the two ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from accounting.journal import Journal
+from accounting.ledger import Ledger
+from accounting.ledgerd import LedgerDaemon, LedgerLink
+from relay.config import LedgerConfig
+from tests.test_ledger import balance, make_account, rec, spent, until
+
+SETTINGS = LedgerConfig(flush_interval_ms=20, flush_rows=500, process=True)
+
+
+class Reports:
+    """The worker's view of the ledger process: what its LedgerLink received."""
+
+    def __init__(self) -> None:
+        self.begins = 0
+        self.done: list[dict[str, Any]] = []
+
+    def begin(self) -> None:
+        self.begins += 1
+
+    def on_done(self, msg: dict[str, Any]) -> None:
+        self.done.append(msg)
+
+    def user_sum(self, uid: int) -> int:
+        return sum(int(m["u"].get(str(uid), 0)) for m in self.done)
+
+    def key_sum(self, kid: int) -> int:
+        return sum(int(m["k"].get(str(kid), 0)) for m in self.done)
+
+
+async def logged(pg: asyncpg.Connection, uid: int) -> int:
+    return int(await pg.fetchval("SELECT count(*) FROM usage_log WHERE user_id = $1", uid))
+
+
+async def test_a_worker_journal_is_flushed_and_reported_by_the_ledger_process(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    uid, (kid,) = await make_account(pg, balance=10**12)
+    journal = Journal(tmp_path, name="w1", segment_bytes=16 << 10)  # rotates every ~50 rows
+    ledger = Ledger(journal, keep=False)
+    daemon = LedgerDaemon(str(tmp_path), pg_dsn, SETTINGS)
+    await daemon.start()
+    reports = Reports()
+    link = LedgerLink(str(tmp_path), journal.name, reports.begin, reports.on_done)
+    assert link.connect()
+    costs = [1000 + i for i in range(600)]
+    for i, c in enumerate(costs):
+        ledger.record(rec(uid, kid, c).row() if i % 2 else rec(uid, kid, c))
+        if i % 100 == 99:
+            await asyncio.sleep(0.03)  # traffic over several flushes
+    assert ledger.pending == [] and ledger.unjournaled == []  # the worker keeps nothing
+    await until(lambda: reports.user_sum(uid) == sum(costs), 20)
+
+    assert await logged(pg, uid) == len(costs)
+    assert await balance(pg, uid) == 10**12 - sum(costs)
+    assert await spent(pg, kid) == sum(costs)
+    assert reports.key_sum(kid) == sum(costs) and reports.begins >= 1
+    # The worker deletes what the reports say is committed; its newest segment stays.
+    last = reports.done[-1]
+    assert journal.committed_through(last["s"], last["o"]) >= 0
+    assert len(journal.paths) <= 2 and len(os.listdir(tmp_path)) <= 3
+
+    # The worker exits: its journal is adopted, read to the end and deleted.
+    more = [rec(uid, kid, 7) for _ in range(30)]
+    for r in more:
+        ledger.record(r)
+    link.close()
+    journal.close()
+    await until(lambda: not daemon.tails, 20)
+    assert await logged(pg, uid) == len(costs) + len(more)
+    assert await balance(pg, uid) == 10**12 - sum(costs) - 7 * len(more)
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".wal")] == []
+    assert await daemon.stop(timeout=10)
+
+
+async def test_a_restarted_ledger_process_charges_nothing_twice(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    uid, (kid,) = await make_account(pg, balance=10**12)
+    journal = Journal(tmp_path, name="w2")
+    ledger = Ledger(journal, keep=False)
+    rows = [rec(uid, kid, 500) for _ in range(200)]
+    for r in rows:
+        ledger.record(r)
+    first = LedgerDaemon(str(tmp_path), pg_dsn, SETTINGS)
+    await first.start()
+    await until(lambda: bool(first.tails) and first.tails["w2"].flusher.flushed_rows == 200, 20)
+    # Killed after its commit: nothing deleted (the segment is the worker's current one).
+    if first._task is not None:
+        first._task.cancel()
+    for t in first.tails.values():
+        assert t.flusher._task is not None
+        t.flusher._task.cancel()
+        t.close()
+    assert first._server is not None
+    first._server.close()
+    await asyncio.sleep(0.05)
+
+    later = [rec(uid, kid, 300) for _ in range(50)]
+    for r in later:
+        ledger.record(r)
+    second = LedgerDaemon(str(tmp_path), pg_dsn, SETTINGS)
+    await second.start()
+    await until(lambda: second.tails["w2"].flusher.flushed_rows == 50, 20)
+    tail = second.tails["w2"]
+    assert tail.flusher.duplicate_rows == 200  # read again, found logged, charged nothing
+    assert await logged(pg, uid) == 250
+    assert await balance(pg, uid) == 10**12 - 200 * 500 - 50 * 300
+    journal.close()
+    assert await second.stop(timeout=10)
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".wal")] == []
+
+
+async def test_a_report_made_while_no_worker_listens_arrives_when_one_connects(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    uid, (kid,) = await make_account(pg)
+    journal = Journal(tmp_path, name="w3")
+    ledger = Ledger(journal, keep=False)
+    for _ in range(40):
+        ledger.record(rec(uid, kid, 250))
+    daemon = LedgerDaemon(str(tmp_path), pg_dsn, SETTINGS)
+    await daemon.start()
+    await until(lambda: bool(daemon.tails) and daemon.tails["w3"].flusher.flushed_rows == 40, 20)
+    reports = Reports()
+    link = LedgerLink(str(tmp_path), journal.name, reports.begin, reports.on_done)
+    assert link.connect()
+    await until(lambda: reports.user_sum(uid) == 40 * 250, 10)
+    link.close()
+    journal.close()
+    assert await daemon.stop(timeout=10)
+
+
+def test_a_row_the_journal_cannot_write_stays_with_the_worker(tmp_path: Path) -> None:
+    """keep=False keeps nothing in memory but what the journal could not take."""
+    journal = Journal(tmp_path, name="w4")
+    ledger = Ledger(journal, keep=False)
+    bad = rec(1, 1, 5)
+    bad.model = "\ud800"  # a lone surrogate: orjson cannot encode it
+    ledger.record(bad)
+    ledger.record(rec(1, 1, 6))
+    assert [r.model for r in ledger.unjournaled] == ["\ud800"] and ledger.pending == []
+    journal.close()
