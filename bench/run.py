@@ -295,7 +295,9 @@ class Bench:
             workers = 1 if base == "tollway1" else self.args.workers
             redis = base == "tollwayN" or variant == "redis"
             off = {"nolimits": "limits", "noledger": "ledger", "bare": "limits,ledger"}.get(variant, "")
-            argv_or_note = self.tollway_argv(t, workers, redis=redis)
+            # -proc: the ledger in its own process ([ledger] process = true)
+            argv_or_note = self.tollway_argv(t, workers, redis=redis,
+                                             ledger_process=variant == "proc")
             if off:
                 os.environ["TOLLWAY_BENCH_OFF"] = off
             else:
@@ -352,7 +354,8 @@ class Bench:
                                  env=env, capture_output=True, text=True, timeout=timeout, check=False)
         return res
 
-    def tollway_config(self, port: int, workers: int, redis: bool = True) -> Path:
+    def tollway_config(self, port: int, workers: int, redis: bool = True,
+                       ledger_process: bool = False) -> Path:
         mock = f"http://127.0.0.1:{self.mock_port}"
         text = f"""# written by bench/run.py for one run; deleted with its temp dir
 [server]
@@ -366,6 +369,7 @@ data_dir = "{self.work / 'tollway-data'}"
 
 [ledger]
 journal_dir = "{self.work / 'tollway-data' / f'journal-{port}'}"
+process = {str(ledger_process).lower()}
 
 [limits]
 redis_url = "{self.args.redis_url if redis else ''}"
@@ -423,13 +427,14 @@ output = "0.01"
             return f"skipped: `keys create` gave no key: {(res.stderr or res.stdout).strip()[-300:]}"
         return None
 
-    def tollway_argv(self, t: Target, workers: int, redis: bool = True) -> list[str] | str:
+    def tollway_argv(self, t: Target, workers: int, redis: bool = True,
+                     ledger_process: bool = False) -> list[str] | str:
         if self.tollway_setup_note is None and not self.tollway_key:
             self.tollway_setup_note = self.tollway_setup() or ""
         if self.tollway_setup_note:
             return self.tollway_setup_note
         t.key = self.tollway_key
-        config = self.tollway_config(t.port, workers, redis=redis)
+        config = self.tollway_config(t.port, workers, redis=redis, ledger_process=ledger_process)
         os.environ["BENCH_UPSTREAM_KEY"] = UPSTREAM_KEY  # inherited by the gateway
         return [PY, "-m", "relay", "--config", str(config), "serve"]
 
@@ -672,14 +677,18 @@ def component_costs(rows: list[Row], order: list[str]) -> str:
                 runs.setdefault(r.target, []).append(r.rps)
         for variant, without in sorted(runs.items()):
             base = next((variant[:-len(x)] for x in _WITHOUT if variant.endswith(x)), None)
-            if base is None or base not in runs:
+            if base is None:
                 continue
-            pairs = list(zip(runs[base], without, strict=False))
-            with_sum = sum(p[0] for p in pairs)
-            without_sum = sum(p[1] for p in pairs)
-            each = ", ".join(f"{(a / b - 1) * 100:+.1f} %" for a, b in pairs)
-            out.append(f"| {name} | {base} vs {variant} | {len(pairs)} | {with_sum:.0f} / "
-                       f"{without_sum:.0f} | {(with_sum / without_sum - 1) * 100:+.1f} % | {each} |")
+            # `-proc` (the ledger in its own process) is paired with `-noledger` too.
+            for full in (base, f"{base}-proc"):
+                if full not in runs:
+                    continue
+                pairs = list(zip(runs[full], without, strict=False))
+                with_sum = sum(p[0] for p in pairs)
+                without_sum = sum(p[1] for p in pairs)
+                each = ", ".join(f"{(a / b - 1) * 100:+.1f} %" for a, b in pairs)
+                out.append(f"| {name} | {full} vs {variant} | {len(pairs)} | {with_sum:.0f} / "
+                           f"{without_sum:.0f} | {(with_sum / without_sum - 1) * 100:+.1f} % | {each} |")
     if not out:
         return ""
     return "\n".join([
@@ -724,7 +733,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenarios", default="", help="comma list; default all: "
                     + ",".join(s.name for s in SCENARIOS))
     ap.add_argument("--targets", default="direct,nginx,thin,tollway1,tollwayN",
-                    help="also: tollway1-redis, tollway1-nolimits, tollway1-noledger, tollway1-bare")
+                    help="also: tollway1-redis, tollway1-nolimits, tollway1-noledger, tollway1-bare,"
+                    " tollway1-proc (the ledger in its own process)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N for tollwayN")
     ap.add_argument("--mock-workers", type=int, default=0, help="passed to the mock as --workers")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Tollway limits.redis_url")

@@ -509,3 +509,83 @@ async def test_kill9_under_load_journal_replayed_exactly_once(serve_env: Any, pg
         sp.proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(AssertionError):
             await sp.wait(15)
+
+
+def _children(pid: int) -> list[int]:
+    """`pid`'s child processes, oldest first (by start time, /proc/<pid>/stat field 22)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append((int(fields[19]), int(entry)))
+    return [p for _, p in sorted(out)]
+
+
+async def test_ledger_process_kill9_of_a_worker_then_sigterm_loses_and_doubles_nothing(
+        serve_env: Any, pg_dsn: str, http: aiohttp.ClientSession) -> None:
+    """[ledger] process = true: the worker only journals, the ledger process flushes. A
+    worker killed under load is restarted, its journal adopted and flushed by the ledger
+    process; SIGTERM then flushes the rest before the supervisor exits 0."""
+    make, _ = serve_env
+    sp = make({"flush_interval_ms": 100, "process": "true"})
+    user_id, key = await _user(sp, f"ledgerd_{os.getpid()}_{time.monotonic_ns()}")
+    await sp.start()
+    assert sp.proc is not None
+    try:
+        url = f"http://127.0.0.1:{sp.port}"
+        done: list[str] = []
+        for wave in range(3):
+            rids = [f"ld-{wave}-{i}" for i in range(50)]
+            got = await asyncio.gather(*(fire(http, url, key, chat(mock={"input_tokens": 100}), r)
+                                         for r in rids))
+            assert {s for s, _ in got} == {200}
+            done += rids
+        ledger_pid, worker_pid = _children(sp.proc.pid)
+        inflight = [f"ld-live-{i}" for i in range(30)]
+        live = asyncio.gather(*(fire(http, url, key, chat(stream=True, mock={"chunks": 50, "delay_ms": 50}), r)
+                                for r in inflight))
+        await asyncio.sleep(0.5)
+        os.kill(worker_pid, signal.SIGKILL)
+        await live
+        # The supervisor starts a new worker; the ledger process goes on.
+        deadline = time.monotonic() + 20
+        while True:
+            kids = _children(sp.proc.pid)
+            if len(kids) == 2 and worker_pid not in kids:
+                break
+            assert time.monotonic() < deadline, kids
+            await asyncio.sleep(0.05)
+        assert kids[0] == ledger_pid
+        while True:  # the new worker listens
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", sp.port)
+                w.close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        after = [f"ld-after-{i}" for i in range(20)]
+        got = await asyncio.gather(*(fire(http, url, key, chat(mock={"input_tokens": 100}), r) for r in after))
+        assert {s for s, _ in got} == {200}
+        rows = await wait_rows(pg_dsn, user_id, len(done) + len(after), within=15)
+        seen = by_client_rid(rows)  # exactly once
+        assert set(done) | set(after) <= set(seen) <= set(done) | set(after) | set(inflight)
+        for rid in done + after:
+            assert seen[rid]["cost_nano"] == 100 * IN_NANO + 5 * OUT_NANO
+        sp.proc.send_signal(signal.SIGTERM)
+        assert await sp.wait() == 0
+        assert "stopped (drained, ledger flushed)" in sp.log.read_text()
+        rows = await rows_of(pg_dsn, user_id)
+        assert len(rows) == len(by_client_rid(rows))
+        assert await balance_of(pg_dsn, user_id) == parse_usd("10") - sum(r["cost_nano"] for r in rows)
+        assert list((sp.tmp / "data" / "journal").glob("*.wal")) == []
+    finally:
+        for pid in _children(sp.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        sp.kill()
