@@ -306,6 +306,7 @@ class LedgerDaemon:
         self.settings = settings
         self.tails: dict[str, Tail] = {}
         self.stopping = False
+        self._retired: dict[str, float] = {}  # counters of the tails that are gone
         self._first = True
         self._server: asyncio.AbstractServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -366,6 +367,11 @@ class LedgerDaemon:
                 log.warning("ledger: journal scan failed: %s", exc)
             for name in [n for n, t in self.tails.items() if t.finished]:
                 tail = self.tails.pop(name)
+                for k, v in tail.flusher.stats().items():
+                    if k.endswith("_total"):  # counters never go back when a tail goes
+                        self._retired[k] = self._retired.get(k, 0) + v
+                self._retired["skipped_frames_total"] = (
+                    self._retired.get("skipped_frames_total", 0) + tail.skipped_frames)
                 await tail.flusher.stop(timeout=5)
                 tail.close()
 
@@ -397,19 +403,18 @@ class LedgerDaemon:
         return ok
 
     def stats(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+        """The flushers' stats summed (Flusher.stats), with the journals' bytes on disk."""
+        out: dict[str, float] = dict(self._retired)
         for t in self.tails.values():
             for k, v in t.flusher.stats().items():
                 out[k] = out.get(k, 0) + v
+            size = 0
+            for seg in t.segments.values():
+                with contextlib.suppress(OSError):
+                    size += os.fstat(seg.fd).st_size
+            out["journal_bytes"] = out.get("journal_bytes", 0) + size
+            out["skipped_frames_total"] = out.get("skipped_frames_total", 0) + t.skipped_frames
         return out
-
-
-async def serve(directory: str, dsn: str, settings: LedgerSettings,
-                stop: asyncio.Event) -> bool:
-    daemon = LedgerDaemon(directory, dsn, settings)
-    await daemon.start()
-    await stop.wait()
-    return await daemon.stop()
 
 
 class LedgerLink:

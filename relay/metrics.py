@@ -218,3 +218,17 @@ class Metrics:
                 return
         conn.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
                   self.render())
+
+
+def ledger_families(stats: dict[str, float]) -> dict[str, tuple[str, str, str, str, dict[str, float]]]:
+    """A flusher's stats (accounting.ledger.Flusher.stats) as `Metrics.state` families,
+    summed across the processes that flush (workers, or the ledger process)."""
+    out: dict[str, tuple[str, str, str, str, dict[str, float]]] = {}
+    for name, value in stats.items():
+        if name.endswith("_total"):
+            out[f"tollway_ledger_{name[:-6]}"] = (
+                "counter", f"Ledger: {name[:-6].replace('_', ' ')}", "", "sum", {"": value})
+        else:
+            out[f"tollway_ledger_{name}"] = (
+                "gauge", f"Ledger: {name.replace('_', ' ')}", "", "sum", {"": value})
+    return out

@@ -223,14 +223,34 @@ def ledger_main(cfg: Config, dsn: str) -> int:
 
 
 async def _ledger(cfg: Config, dsn: str) -> bool:
-    from accounting.ledgerd import serve
+    from accounting.ledgerd import LedgerDaemon
+    from relay.metrics import Metrics, ledger_families
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     journal_dir = cfg.ledger.journal_dir or str(cfg.data_dir / "journal")
-    return await serve(journal_dir, dsn, cfg.ledger, stop)
+    daemon = LedgerDaemon(journal_dir, dsn, cfg.ledger)
+    await daemon.start()
+    metrics = None
+    if cfg.metrics.enabled:
+        # The workers' /metrics merge this process's snapshot file with theirs.
+        metrics = Metrics(cfg.data_dir / "metrics")
+        metrics.state = lambda: ledger_families(daemon.stats())
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await stop.wait()
+        if metrics is not None:
+            try:
+                metrics.write_snapshot()
+            except OSError as exc:
+                log.warning("ledger metrics snapshot failed: %s", exc)
+    ok = await daemon.stop()
+    if metrics is not None and metrics.snapshot_dir is not None:
+        (metrics.snapshot_dir / f"{os.getpid()}.json").unlink(missing_ok=True)
+    return ok
 
 
 # --- worker ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from relay.app import Gateway, breaker_factory
 from relay.config import ChannelConfig, Config
 from relay.healthcheck import HealthChecker
 from relay.httpserver import ServerState, drain, make_factory
-from relay.metrics import Metrics
+from relay.metrics import Metrics, ledger_families
 from relay.routing import Router, channel_state
 
 log = logging.getLogger("tollway.worker")
@@ -330,13 +330,7 @@ class Worker:
                                    {c.name: 1 if c.breaker.state == 0 else 0 for c in gw.router.channels}),
         }
         if self.flusher is not None:
-            for name, value in self.flusher.stats().items():
-                if name.endswith("_total"):
-                    out[f"tollway_ledger_{name[:-6]}"] = (
-                        "counter", f"Ledger: {name[:-6].replace('_', ' ')}", "", "sum", {"": value})
-                else:
-                    out[f"tollway_ledger_{name}"] = (
-                        "gauge", f"Ledger: {name.replace('_', ' ')}", "", "sum", {"": value})
+            out.update(ledger_families(self.flusher.stats()))
         out.update(channel_state(gw.router))
         if gw.limiter is not None:
             out["tollway_limit_denials"] = ("counter", "Admission denials by reason", "reason", "sum",

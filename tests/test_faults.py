@@ -577,6 +577,17 @@ async def test_ledger_process_kill9_of_a_worker_then_sigterm_loses_and_doubles_n
         assert set(done) | set(after) <= set(seen) <= set(done) | set(after) | set(inflight)
         for rid in done + after:
             assert seen[rid]["cost_nano"] == 100 * IN_NANO + 5 * OUT_NANO
+        # /metrics (served by the worker) includes the ledger process's flusher.
+        deadline = time.monotonic() + 10
+        while True:
+            async with http.get(f"{url}/metrics") as resp:
+                text = await resp.text()
+            flushed = [float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("tollway_ledger_flushed_rows_total ")]
+            if flushed and flushed[0] >= len(done) + len(after):
+                break
+            assert time.monotonic() < deadline, [x for x in text.splitlines() if "ledger" in x]
+            await asyncio.sleep(0.2)
         sp.proc.send_signal(signal.SIGTERM)
         assert await sp.wait() == 0
         assert "stopped (drained, ledger flushed)" in sp.log.read_text()
