@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 
 from accounting.journal import HEADER_SIZE, SUFFIX, parse_frames
-from accounting.ledger import Flusher, Ledger, LedgerSettings, Row, _csv_ready
+from accounting.ledger import _TS_MAX, _TS_MIN, Flusher, Ledger, LedgerSettings, Row, _csv_ready
 from accounting.records import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,29 @@ class _Segment:
     old_until: int  # bytes below this were there when this process started
     offset: int = 0
     locked: bool = False
+
+
+_START = HEADER_SIZE + 4  # after `[1,"`: where the request id starts
+_PREFIX = b'[1,"'
+
+
+def _plain(f: bytes) -> bool:
+    """`_csv_ready` read off the frame's bytes, without decoding it (which was a third
+    of this process's CPU): no backslash, so the id ends at the first quote; a
+    non-empty id without a comma; a time written as a float, in range."""
+    if not f.startswith(_PREFIX, HEADER_SIZE) or f.find(b"\\", HEADER_SIZE) >= 0:
+        return False
+    q = f.find(b'"', _START)
+    if q <= _START or f.find(b",", _START, q) >= 0:
+        return False
+    c = f.find(b",", q + 2)
+    ts = f[q + 2:c]
+    if c < 0 or f[q + 1] != 0x2C or not (b"." in ts or b"e" in ts):
+        return False
+    try:
+        return _TS_MIN <= float(ts) <= _TS_MAX
+    except ValueError:
+        return False
 
 
 class _TailLedger(Ledger):
@@ -167,6 +190,9 @@ class Tail:
         pending = self.ledger.pending
         n0 = len(pending)
         for f in frames:
+            if _plain(f):
+                pending.append(f)
+                continue
             try:
                 t = orjson.loads(memoryview(f)[HEADER_SIZE:])
                 row: Row = f if _csv_ready(t, f) else UsageRecord.from_row(t)

@@ -12,9 +12,9 @@ from typing import Any
 
 import asyncpg
 
-from accounting.journal import Journal
-from accounting.ledger import Ledger
-from accounting.ledgerd import LedgerDaemon, LedgerLink
+from accounting.journal import Journal, encode
+from accounting.ledger import Ledger, _csv_ready
+from accounting.ledgerd import LedgerDaemon, LedgerLink, _plain
 from relay.config import LedgerConfig
 from tests.test_ledger import balance, make_account, rec, spent, until
 
@@ -154,3 +154,27 @@ def test_a_row_the_journal_cannot_write_stays_with_the_worker(tmp_path: Path) ->
     ledger.record(rec(1, 1, 6))
     assert [r.model for r in ledger.unjournaled] == ["\ud800"] and ledger.pending == []
     journal.close()
+
+
+def test_the_ledger_process_reads_csv_readiness_off_the_bytes_as_the_worker_decides_it() -> None:
+    """ledgerd._plain (no decode) must agree with ledger._csv_ready on every shape."""
+    shapes = []
+    for text in ["gpt-4o", "Ünïcødé 🚀", "a,b", 'q"uote', "back\\slash", "", "null", "\u2028"]:
+        r = rec(1, 2, 3, model=text)
+        r.channel = text
+        shapes.append(r)
+    shapes += [rec(1, 2, 3, rid=rid) for rid in ["req_plain", "a,b", 'a"b', "a\\b", "ünï"]]
+    shapes += [rec(1, 2, 3, ts=ts)
+               for ts in [1_800_000_000.5, 1_800_000_000.0, 1e16, -1.0, 253_402_300_800.0, 0.0]]
+    empty = rec(1, 2, 3)
+    empty.request_id = ""
+    shapes.append(empty)
+    int_ts = rec(1, 2, 3)
+    int_ts.ts = 1_800_000_000  # type: ignore[assignment]
+    shapes.append(int_ts)
+    plain = 0
+    for r in shapes:
+        frame = encode(r)
+        assert _plain(frame) == _csv_ready(r, frame), r
+        plain += _plain(frame)
+    assert 0 < plain < len(shapes)
