@@ -65,6 +65,7 @@ class Worker:
         self._flush_epoch = 0
         self._flush_open = False  # the ledger process began a batch not yet reported
         self.link: LedgerLink | None = None
+        self._link_down = False
         self.journal: Journal | None = None
         self._user_version = 0
         self._group_version = 0
@@ -265,8 +266,11 @@ class Worker:
         link = self.link
         if link is not None:
             if not link.connect():
-                log.warning("ledger process not reachable; budget snapshots wait for it")
+                if not self._link_down:
+                    log.warning("ledger process not reachable; budget snapshots wait for it")
+                self._link_down = True
                 return
+            self._link_down = False
             link.drain()
             if self._flush_open:
                 return  # a batch is being committed: its report comes first

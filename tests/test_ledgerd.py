@@ -178,3 +178,45 @@ def test_the_ledger_process_reads_csv_readiness_off_the_bytes_as_the_worker_deci
         assert _plain(frame) == _csv_ready(r, frame), r
         plain += _plain(frame)
     assert 0 < plain < len(shapes)
+
+
+async def test_the_workers_limiter_learns_each_commit_from_the_ledger_process(pg_dsn: str) -> None:
+    """A gateway worker with [ledger] process = true: its limiter's unflushed spend goes
+    back to zero once the ledger process reports the commit, and its local balance then
+    equals Postgres's, as with an in-process flusher."""
+    import aiohttp
+
+    from tests.gateway import Harness
+
+    h = Harness()
+    daemon = LedgerDaemon(os.path.join(h.tmp.name, "journal"), pg_dsn, SETTINGS)
+    await daemon.start()
+    await h.start(pg_dsn, ledger={"process": True, "flush_interval_ms": 20})
+    try:
+        uid, kid, secret = await h.user_and_key("10")
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(20):
+                async with http.post(f"{h.url}/v1/chat/completions", json=body,
+                                     headers={"authorization": f"Bearer {secret}"}) as resp:
+                    assert resp.status == 200, await resp.text()
+        assert h.worker is not None and h.worker.gw is not None
+        lim = h.worker.gw.limiter
+        assert h.worker.gw.ledger.pending == []  # the worker holds no rows
+        await until(lambda: uid in lim.users and lim.users[uid].unflushed == 0
+                    and lim.keys[kid].unflushed == 0, 15)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            bal = await balance(conn, uid)
+            assert await conn.fetchval("SELECT count(*) FROM usage_log WHERE user_id = $1", uid) == 20
+            assert bal < 10 * 10**9
+            assert lim.users[uid].db == bal
+            assert lim.keys[kid].db == -await spent(conn, kid)
+        finally:
+            await conn.close()
+    finally:
+        if h.worker is not None:
+            await h.worker.stop()  # closes its journal, which the ledger process then finishes
+            h.worker = None
+        assert await daemon.stop(timeout=10)
+        await h.stop()
