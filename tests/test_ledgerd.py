@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from accounting.journal import Journal, encode
+from accounting.journal import Journal, encode, replay
 from accounting.ledger import Ledger, _csv_ready
 from accounting.ledgerd import LedgerDaemon, LedgerLink, _plain
 from relay.config import LedgerConfig
@@ -220,3 +220,21 @@ async def test_the_workers_limiter_learns_each_commit_from_the_ledger_process(pg
             h.worker = None
         assert await daemon.stop(timeout=10)
         await h.stop()
+
+
+async def test_a_deferred_row_the_journal_cannot_write_stays_with_the_worker(tmp_path: Path) -> None:
+    """The same with writes deferred to the end of the loop iteration (a running worker)."""
+    journal = Journal(tmp_path, name="w5")
+    ledger = Ledger(journal, keep=False)
+    ledger.defer_writes(asyncio.get_running_loop())
+    bad = rec(1, 1, 5)
+    bad.model = "\ud800"
+    ledger.record(rec(1, 1, 4).row())
+    ledger.record(bad.row())
+    ledger.record(rec(1, 1, 6))
+    assert ledger.unjournaled == []  # nothing encoded yet
+    await asyncio.sleep(0)  # the iteration's write
+    assert [r.model for r in ledger.unjournaled] == ["\ud800"] and ledger.pending == []
+    ledger.defer_writes(None)
+    journal.close()
+    assert [r.cost_nano for r in replay(tmp_path)] == [4, 6]
