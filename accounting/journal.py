@@ -396,42 +396,29 @@ class Journal:
 
     def committed(self, upto_seq: int) -> int:
         """Rows with seq < upto_seq are in Postgres: delete segments wholly below it."""
-        deleted = 0
-        keep = []
-        for seg in self._segments:
-            if seg is not self._current and seg.first_seq + seg.count <= upto_seq:
-                _drop(seg.path, seg.fd)
-                deleted += 1
-            else:
-                keep.append(seg)
-        self._segments = keep
-        cur = self._current
-        # A fully committed current segment past a quarter of its size is recycled
-        # now rather than waiting for it to fill: keeps the directory small.
-        if cur.count and cur.first_seq + cur.count <= upto_seq and cur.size >= self._segment_bytes // 4:
-            self._rotate()
-            self._segments.remove(cur)
-            _drop(cur.path, cur.fd)
-            deleted += 1
-        return deleted
+        return self._delete(lambda seg: seg.first_seq + seg.count <= upto_seq)
 
     def committed_through(self, segment: int, offset: int) -> int:
         """A ledger process committed every row of this journal before byte `offset` of
         segment number `segment` (and of every segment before it): delete what is wholly
         committed, as `committed` does."""
+        return self._delete(lambda seg: seg.no < segment or (seg.no == segment and offset >= seg.size))
+
+    def _delete(self, done: Callable[[Segment], bool]) -> int:
+        """Delete the segments whose rows are all committed (`done`); return how many."""
         deleted = 0
         keep = []
         cur = self._current
         for seg in self._segments:
-            done = seg.no < segment or (seg.no == segment and offset >= seg.size)
-            if done and seg is not cur:
+            if seg is not cur and done(seg):
                 _drop(seg.path, seg.fd)
                 deleted += 1
             else:
                 keep.append(seg)
         self._segments = keep
-        if (cur.no == segment and cur.count and offset >= cur.size and not self._buf
-                and cur.size >= self._segment_bytes // 4):
+        # A fully committed current segment past a quarter of its size is recycled
+        # now rather than waiting for it to fill: keeps the directory small.
+        if cur.count and done(cur) and cur.size >= self._segment_bytes // 4:
             self._rotate()
             self._segments.remove(cur)
             _drop(cur.path, cur.fd)

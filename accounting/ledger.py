@@ -395,7 +395,7 @@ _PG_EPOCH_UNIX = 946_684_800.0
 _TS_MIN, _TS_MAX = 0.0, 253_402_300_799.0  # 1970 .. 9999
 
 
-def _csv_ready(rec: UsageRecord | UsageRow | list[Any], data: bytes) -> bool:
+def _csv_ready(rec: UsageRecord | UsageRow, data: bytes) -> bool:
     """Whether `data`, the frame of `rec`, can go to Postgres as a CSV line (_csv): a
     plain float time in range, an id without a comma (the catch-up split reads the user
     id by position) and no backslash in the payload (so no escaped character and no
@@ -403,7 +403,7 @@ def _csv_ready(rec: UsageRecord | UsageRow | list[Any], data: bytes) -> bool:
     fails the batch, which is split and the row typed and fixed (or set aside) alone."""
     if isinstance(rec, UsageRecord):
         ts, rid = rec.ts, rec.request_id
-    else:  # a flat row, or its decoded list
+    else:  # a flat row
         ts, rid = rec[2], rec[1]
     return (type(ts) is float and _TS_MIN <= ts <= _TS_MAX and type(rid) is str
             and rid != "" and "," not in rid and data.find(b"\\", HEADER_SIZE) < 0)

@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 
 from accounting.journal import HEADER_SIZE, SUFFIX, parse_frames
-from accounting.ledger import _TS_MAX, _TS_MIN, Flusher, Ledger, LedgerSettings, Row, _csv_ready
+from accounting.ledger import _TS_MAX, _TS_MIN, Flusher, Ledger, LedgerSettings
 from accounting.records import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,8 @@ class Tail:
                 pending.append(f)
                 continue
             try:
-                t = orjson.loads(memoryview(f)[HEADER_SIZE:])
-                row: Row = f if _csv_ready(t, f) else UsageRecord.from_row(t)
+                # Not CSV-ready (_plain agrees with ledger._csv_ready): typed.
+                row = UsageRecord.from_row(orjson.loads(memoryview(f)[HEADER_SIZE:]))
             except (ValueError, TypeError, IndexError, KeyError):
                 self.skipped_frames += 1  # CRC-valid but not a usage row of ours
                 continue
@@ -410,8 +410,7 @@ class LedgerDaemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.scan()
-            if all(t.dead and not t.ledger.pending for t in self.tails.values()) and all(
-                    not t.segments for t in self.tails.values()):
+            if all(t.dead and not t.ledger.pending and not t.segments for t in self.tails.values()):
                 break
             for t in self.tails.values():
                 if t.ledger.pending:

@@ -23,7 +23,6 @@ from typing import Any
 
 from accounting import plans, pricing, store, tokens
 from accounting.db import create_pool
-from accounting.journal import Journal
 from accounting.ledger import open_ledger
 from accounting.ledgerd import LedgerLink
 from accounting.money import parse_multiplier
@@ -66,7 +65,6 @@ class Worker:
         self._flush_open = False  # the ledger process began a batch not yet reported
         self.link: LedgerLink | None = None
         self._link_down = False
-        self.journal: Journal | None = None
         self._user_version = 0
         self._group_version = 0
         self._price_version = 0
@@ -97,7 +95,6 @@ class Worker:
                 # The ledger process (accounting.ledgerd) flushes this journal; this
                 # flusher only takes rows the journal could not write.
                 assert ledger.journal is not None
-                self.journal = ledger.journal
                 self.link = LedgerLink(journal_dir, ledger.journal.name,
                                        self._on_flush_begin, self._on_flush_done)
                 self.link.connect()
@@ -204,8 +201,9 @@ class Worker:
             return
         if self.gw is not None and self.gw.limiter is not None and (users or keys or subs):
             self.gw.limiter.on_flushed(users, keys, at, subs)
-        if self.journal is not None:
-            self.journal.committed_through(segment, offset)
+        journal = self.gw.ledger.journal if self.gw is not None else None
+        if journal is not None:
+            journal.committed_through(segment, offset)
 
     def _on_plans_flushed(self, deltas: dict[int, int]) -> None:
         # Runs just before _on_flushed, which bumps the flush epoch for both.
