@@ -600,3 +600,58 @@ async def test_ledger_process_kill9_of_a_worker_then_sigterm_loses_and_doubles_n
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         sp.kill()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_supervisor_kill9_its_children_drain_and_exit(
+        serve_env: Any, pg_dsn: str, http: aiohttp.ClientSession) -> None:
+    """kill -9 of the supervisor: the kernel sends its children SIGTERM (PR_SET_PDEATHSIG),
+    so the worker drains and the ledger process flushes instead of serving on, orphaned.
+    A new start then serves, and every settled row is in Postgres exactly once."""
+    make, _ = serve_env
+    sp = make({"flush_interval_ms": 100, "process": "true"})
+    user_id, key = await _user(sp, f"orphan_{os.getpid()}_{time.monotonic_ns()}")
+    await sp.start()
+    assert sp.proc is not None
+    url = f"http://127.0.0.1:{sp.port}"
+    kids = _children(sp.proc.pid)
+    try:
+        assert len(kids) == 2, kids  # the ledger process and one worker
+        rids = [f"orphan-{i}" for i in range(40)]
+        got = await asyncio.gather(*(fire(http, url, key, chat(mock={"input_tokens": 100}), r)
+                                     for r in rids))
+        assert {s for s, _ in got} == {200}
+        sp.proc.kill()
+        sp.proc.wait(5)
+        deadline = time.monotonic() + 20
+        while any(_running(pid) for pid in kids):
+            assert time.monotonic() < deadline, f"children {kids} outlived the supervisor"
+            await asyncio.sleep(0.05)
+        with pytest.raises(OSError):  # nothing listens on the port any more
+            _, w = await asyncio.open_connection("127.0.0.1", sp.port)
+            w.close()
+        await sp.start()
+        more = [f"orphan-after-{i}" for i in range(10)]
+        got = await asyncio.gather(*(fire(http, url, key, chat(mock={"input_tokens": 100}), r)
+                                     for r in more))
+        assert {s for s, _ in got} == {200}
+        sp.proc.send_signal(signal.SIGTERM)
+        assert await sp.wait() == 0
+        rows = await rows_of(pg_dsn, user_id)
+        seen = by_client_rid(rows)
+        assert len(rows) == len(seen) and set(seen) == set(rids) | set(more)
+        for rid in seen:
+            assert seen[rid]["cost_nano"] == 100 * IN_NANO + 5 * OUT_NANO
+        assert await balance_of(pg_dsn, user_id) == parse_usd("10") - sum(r["cost_nano"] for r in rows)
+    finally:
+        for pid in kids + (_children(sp.proc.pid) if sp.proc.poll() is None else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        sp.kill()
