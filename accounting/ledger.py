@@ -304,6 +304,10 @@ WITH ins AS (
 SELECT count(*) FROM ins
 """
 
+# Flusher.stats gauges that combine across flushers (journals, workers) by their maximum:
+# the slowest last batch says more than a sum of durations.
+MAX_STATS = frozenset({"last_flush_seconds"})
+
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
            "reasoning_tokens")
 # The staged (= new) rows' hourly upsert and per-user / per-key / per-plan sums, in one
@@ -755,6 +759,8 @@ class Flusher:
         )
 
     def stats(self) -> dict[str, float]:
+        """Counters (`*_total`) and gauges; those of MAX_STATS combine across flushers by
+        their maximum, the rest by their sum."""
         journal = self.ledger.journal
         return {
             "pending_rows": self.ledger.backlog,

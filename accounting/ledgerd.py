@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 
 from accounting.journal import HEADER_SIZE, SUFFIX, parse_frames
-from accounting.ledger import _TS_MAX, _TS_MIN, Flusher, Ledger, LedgerSettings
+from accounting.ledger import _TS_MAX, _TS_MIN, MAX_STATS, Flusher, Ledger, LedgerSettings
 from accounting.records import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -428,11 +428,12 @@ class LedgerDaemon:
         return ok
 
     def stats(self) -> dict[str, float]:
-        """The flushers' stats summed (Flusher.stats), with the journals' bytes on disk."""
+        """The flushers' stats summed (Flusher.stats), with the journals' bytes on disk;
+        the slowest of their last batches, as `last_flush_seconds`."""
         out: dict[str, float] = dict(self._retired)
         for t in self.tails.values():
             for k, v in t.flusher.stats().items():
-                out[k] = out.get(k, 0) + v
+                out[k] = max(out.get(k, 0), v) if k in MAX_STATS else out.get(k, 0) + v
             size = 0
             for seg in t.segments.values():
                 with contextlib.suppress(OSError):

@@ -29,6 +29,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from accounting.ledger import MAX_STATS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
 STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -230,5 +232,6 @@ def ledger_families(stats: dict[str, float]) -> dict[str, tuple[str, str, str, s
                 "counter", f"Ledger: {name[:-6].replace('_', ' ')}", "", "sum", {"": value})
         else:
             out[f"tollway_ledger_{name}"] = (
-                "gauge", f"Ledger: {name.replace('_', ' ')}", "", "sum", {"": value})
+                "gauge", f"Ledger: {name.replace('_', ' ')}", "",
+                "max" if name in MAX_STATS else "sum", {"": value})
     return out

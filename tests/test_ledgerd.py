@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 
 from accounting.journal import Journal, encode, replay
 from accounting.ledger import Ledger, _csv_ready
 from accounting.ledgerd import LedgerDaemon, LedgerLink, _plain
 from relay.config import LedgerConfig
+from relay.metrics import Metrics, ledger_families
 from tests.test_ledger import balance, make_account, rec, spent, until
 
 SETTINGS = LedgerConfig(flush_interval_ms=20, flush_rows=500, process=True)
@@ -238,3 +240,21 @@ async def test_a_deferred_row_the_journal_cannot_write_stays_with_the_worker(tmp
     ledger.defer_writes(None)
     journal.close()
     assert [r.cost_nano for r in replay(tmp_path)] == [4, 6]
+
+
+def test_metrics_sum_counters_and_keep_the_slowest_last_flush(tmp_path: Path) -> None:
+    """/metrics merges the flushing processes' snapshots: counters and backlogs add up,
+    while last_flush_seconds is the slowest process's, not a sum of durations."""
+    mine = Metrics(tmp_path)
+    mine.state = lambda: ledger_families(
+        {"flushed_rows_total": 5, "pending_rows": 3, "last_flush_seconds": 0.25})
+    other = Metrics(None)
+    other.state = lambda: ledger_families(
+        {"flushed_rows_total": 7, "pending_rows": 4, "last_flush_seconds": 0.5})
+    # Another live process's snapshot: this test's parent stands in for it.
+    (tmp_path / f"{os.getppid()}.json").write_bytes(orjson.dumps(other.snapshot()))
+    values = {line.split()[0]: float(line.split()[1]) for line in mine.render().decode().splitlines()
+              if line.startswith("tollway_ledger_")}
+    assert values["tollway_ledger_flushed_rows_total"] == 12
+    assert values["tollway_ledger_pending_rows"] == 7
+    assert values["tollway_ledger_last_flush_seconds"] == 0.5
