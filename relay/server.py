@@ -78,15 +78,25 @@ async def prepare(cfg: Config, dsn: str) -> str | None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with(parent: int) -> None:
+def _prctl() -> Any:
+    """libc's prctl, looked up in the parent: a child between fork and exec should not
+    call the dynamic loader. None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with(parent: int, prctl: Any) -> None:
     """Have the kernel send this process SIGTERM when `parent` (the supervisor) dies,
     even by kill -9. Without it a worker would go on serving on the shared port, beside
     the workers of the next supervisor, and the mock would keep its port. SIGTERM is the
     ordinary drain: whatever a worker has not flushed stays in its journal, which the
     next start replays."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -96,14 +106,14 @@ def _start_mock(cfg: Config) -> subprocess.Popen[bytes] | None:
         return None
     os.environ.setdefault("MOCK_UPSTREAM_KEY", "mock-upstream-key")
     root = Path(__file__).resolve().parent.parent
-    me = os.getpid()
+    me, prctl = os.getpid(), _prctl()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1",
          "--port", str(cfg.demo.mock_port)],
         cwd=str(root),
         stdout=subprocess.DEVNULL,
         # The supervisor has no other thread at this point, so a preexec_fn is safe.
-        preexec_fn=lambda: _die_with(me),
+        preexec_fn=lambda: _die_with(me, prctl),
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -170,7 +180,7 @@ def _supervise(cfg: Config, dsn: str) -> int:
     children: dict[int, int] = {}
     stopping = False
 
-    supervisor = os.getpid()
+    supervisor, prctl = os.getpid(), _prctl()
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -179,7 +189,7 @@ def _supervise(cfg: Config, dsn: str) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                _die_with(supervisor)
+                _die_with(supervisor, prctl)
                 if index == _LEDGER:
                     code = ledger_main(cfg, dsn)
                 else:
