@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -338,9 +339,27 @@ class LedgerDaemon:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Take the directory's socket, then tail its journals. While another ledger
+        process holds the socket (one left draining by a supervisor that died, see
+        relay.server), wait for it to go rather than flush beside it."""
         os.makedirs(self.directory, exist_ok=True)
-        self._server = await asyncio.start_unix_server(
-            self._client, path=socket_address(self.directory))
+        waited = False
+        while True:
+            try:
+                self._server = await asyncio.start_unix_server(
+                    self._client, path=socket_address(self.directory))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                if not waited:
+                    log.warning("ledger: another ledger process serves %s; waiting for it"
+                                " to exit", self.directory)
+                    waited = True
+                await asyncio.sleep(0.2)
+        if waited:
+            log.warning("ledger: the other ledger process has exited; taking over %s",
+                        self.directory)
         self.scan()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-scan")
 
@@ -400,6 +419,13 @@ class LedgerDaemon:
                     self._retired.get("skipped_frames_total", 0) + tail.skipped_frames)
                 await tail.flusher.stop(timeout=5)
                 tail.close()
+
+    def journals_left(self) -> bool:
+        """Whether any journal segment is in the directory."""
+        try:
+            return any(_SEGMENT.match(fn) for fn in os.listdir(self.directory))
+        except FileNotFoundError:
+            return False
 
     async def stop(self, timeout: float = 30.0) -> bool:  # noqa: ASYNC109
         """Flush every journal left (the workers have exited), then stop. False if rows

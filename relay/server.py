@@ -265,7 +265,18 @@ async def _ledger(cfg: Config, dsn: str) -> bool:
         loop.add_signal_handler(sig, stop.set)
     journal_dir = cfg.ledger.journal_dir or str(cfg.data_dir / "journal")
     daemon = LedgerDaemon(journal_dir, dsn, cfg.ledger)
-    await daemon.start()
+    starting = asyncio.ensure_future(daemon.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        # Stopped while another ledger process still had the directory: it flushes the
+        # journals, so this one has nothing of its own to flush.
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return not daemon.journals_left()
+    stopped.cancel()
+    starting.result()
     metrics = None
     if cfg.metrics.enabled:
         # The workers' /metrics merge this process's snapshot file with theirs.

@@ -26,6 +26,7 @@ import asyncpg
 import orjson
 import pytest
 
+from accounting.ledgerd import socket_address
 from accounting.money import parse_usd
 from bench import mock_upstream
 from tests.faultproxy import FaultProxy
@@ -655,3 +656,46 @@ async def test_supervisor_kill9_its_children_drain_and_exit(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         sp.kill()
+
+
+async def test_a_ledger_process_waits_while_another_holds_the_journals(
+        serve_env: Any, pg_dsn: str, http: aiohttp.ClientSession) -> None:
+    """While another ledger process holds the journal directory (here: this test holds
+    its socket), the new one waits instead of flushing beside it; the workers go on
+    journaling, SIGTERM leaves the rows in the journal and says so, and the next start
+    writes each of them once."""
+    make, _ = serve_env
+    sp = make({"flush_interval_ms": 100, "process": "true"})
+    user_id, key = await _user(sp, f"held_{os.getpid()}_{time.monotonic_ns()}")
+    journal_dir = sp.tmp / "data" / "journal"
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    holder = await asyncio.start_unix_server(lambda r, w: w.close(),
+                                             path=socket_address(str(journal_dir)))
+    try:
+        await sp.start()
+        url = f"http://127.0.0.1:{sp.port}"
+        rids = [f"held-{i}" for i in range(30)]
+        got = await asyncio.gather(*(fire(http, url, key, chat(mock={"input_tokens": 100}), r)
+                                     for r in rids))
+        assert {s for s, _ in got} == {200}
+        await asyncio.sleep(0.5)  # several flush intervals: nothing may be written
+        assert await rows_of(pg_dsn, user_id) == []
+        assert sp.proc is not None
+        sp.proc.send_signal(signal.SIGTERM)
+        assert await sp.wait() == 0
+        log_text = sp.log.read_text()
+        assert "another ledger process serves" in log_text
+        assert "unflushed rows left in the journal" in log_text
+        assert list(journal_dir.glob("*.wal"))
+    finally:
+        holder.close()
+        await holder.wait_closed()
+    await sp.start()
+    rows = await wait_rows(pg_dsn, user_id, len(rids))
+    seen = by_client_rid(rows)
+    assert len(rows) == len(seen) and set(seen) == set(rids)
+    assert sp.proc is not None
+    sp.proc.send_signal(signal.SIGTERM)
+    assert await sp.wait() == 0
+    assert await balance_of(pg_dsn, user_id) == parse_usd("10") - sum(r["cost_nano"] for r in rows)
+    assert list(journal_dir.glob("*.wal")) == []

@@ -258,3 +258,28 @@ def test_metrics_sum_counters_and_keep_the_slowest_last_flush(tmp_path: Path) ->
     assert values["tollway_ledger_flushed_rows_total"] == 12
     assert values["tollway_ledger_pending_rows"] == 7
     assert values["tollway_ledger_last_flush_seconds"] == 0.5
+
+
+async def test_a_second_ledger_process_waits_for_the_first_to_exit(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """One ledger process per journal directory: a second one (started while the first,
+    left by a supervisor that died, still drains) waits, then takes over the journals."""
+    uid, (kid,) = await make_account(pg, balance=10**12)
+    first = LedgerDaemon(str(tmp_path), pg_dsn, SETTINGS)
+    await first.start()
+    second = LedgerDaemon(str(tmp_path), pg_dsn, SETTINGS)
+    starting = asyncio.ensure_future(second.start())
+    await asyncio.sleep(0.5)
+    assert not starting.done() and second.tails == {}
+    assert await first.stop()
+    await asyncio.wait_for(starting, 5)
+    # The second now flushes: a journal left by a worker that is gone is adopted.
+    journal = Journal(tmp_path, name="gone")
+    ledger = Ledger(journal, keep=False)
+    for _ in range(20):
+        ledger.record(rec(uid, kid, 11))
+    journal.close()
+    await until(lambda: not second.journals_left(), 20)
+    assert await logged(pg, uid) == 20 and await balance(pg, uid) == 10**12 - 220
+    assert await second.stop()
