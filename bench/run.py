@@ -34,6 +34,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -668,7 +669,8 @@ def component_costs(rows: list[Row], order: list[str]) -> str:
     (`tollway1` against `tollway1-noledger`...): the i-th run of one is paired with the
     i-th of the other, and req/s are summed over the pairs. On a shared, noisy host a
     single pair can be off by more than the effect; alternate several (`--targets
-    a,b,a,b,a,b`) and read the pooled figure. Empty when no such pair ran."""
+    a,b,a,b,a,b`) and read the pooled figure, with the median pair beside it (one
+    disturbed pair moves the pooled figure, not the median). Empty when no such pair ran."""
     out: list[str] = []
     for name in order:
         runs: dict[str, list[float]] = {}
@@ -686,14 +688,17 @@ def component_costs(rows: list[Row], order: list[str]) -> str:
                 pairs = list(zip(runs[full], without, strict=False))
                 with_sum = sum(p[0] for p in pairs)
                 without_sum = sum(p[1] for p in pairs)
-                each = ", ".join(f"{(a / b - 1) * 100:+.1f} %" for a, b in pairs)
+                costs = [(a / b - 1) * 100 for a, b in pairs]
+                each = ", ".join(f"{c:+.1f} %" for c in costs)
                 out.append(f"| {name} | {full} vs {variant} | {len(pairs)} | {with_sum:.0f} / "
-                           f"{without_sum:.0f} | {(with_sum / without_sum - 1) * 100:+.1f} % | {each} |")
+                           f"{without_sum:.0f} | {(with_sum / without_sum - 1) * 100:+.1f} % | "
+                           f"{statistics.median(costs):+.1f} % | {each} |")
     if not out:
         return ""
     return "\n".join([
-        "| scenario | with vs without | pairs | req/s summed, with / without | cost | each pair |",
-        "|---|---|---|---|---|---|", *out])
+        "| scenario | with vs without | pairs | req/s summed, with / without | cost | median pair"
+        " | each pair |",
+        "|---|---|---|---|---|---|---|", *out])
 
 
 def environment() -> str:

@@ -166,7 +166,16 @@ def test_component_costs_pair_runs_in_order_and_pool_them() -> None:
     text = run.component_costs(rows, ["chat_c64"])
     lines = text.splitlines()
     assert len(lines) == 4
-    assert "| chat_c64 | tollway1 vs tollway1-noledger | 2 | 2000 / 2000 | +0.0 % |" in text
+    assert "| chat_c64 | tollway1 vs tollway1-noledger | 2 | 2000 / 2000 | +0.0 % | +0.0 % |" in text
     assert "-10.0 %, +10.0 %" in text
-    assert "| tollway1 vs tollway1-nolimits | 1 | 900 / 1200 | -25.0 % |" in text
+    assert "| tollway1 vs tollway1-nolimits | 1 | 900 / 1200 | -25.0 % | -25.0 % |" in text
     assert run.component_costs(rows[:2], ["chat_c64"]) == ""
+
+
+def test_component_costs_median_pair_resists_one_disturbed_pair() -> None:
+    rows = []
+    for with_rps in (950.0, 960.0, 500.0):  # the third pair ran while the host was busy
+        rows += [run.Row("chat_c64", "tollway1-proc", rps=with_rps),
+                 run.Row("chat_c64", "tollway1-noledger", rps=1000.0)]
+    text = run.component_costs(rows, ["chat_c64"])
+    assert "| tollway1-proc vs tollway1-noledger | 3 | 2410 / 3000 | -19.7 % | -5.0 % |" in text
