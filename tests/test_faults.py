@@ -121,6 +121,8 @@ async def http():
 
 async def test_postgres_outage_requests_keep_flowing_rows_land_after(pg_dsn: str,
                                                                       http: aiohttp.ClientSession) -> None:
+    """Postgres away for 30 s under load (every connection reset, new ones refused):
+    every request is served, and every settled row lands once when it is back."""
     port = int(pg_dsn.rsplit(":", 1)[1].split("/", 1)[0])
     proxy = await FaultProxy(port).start()
     # All of the worker's Postgres traffic (pool, sync, flusher) goes through the proxy.
@@ -133,14 +135,14 @@ async def test_postgres_outage_requests_keep_flowing_rows_land_after(pg_dsn: str
         t0 = time.monotonic()
         results: dict[str, tuple[int, bytes]] = {}
         wave = 0
-        while time.monotonic() - t0 < 5:
+        while time.monotonic() - t0 < 30:
             rids = [f"pgout-{wave}-{i}" for i in range(40)]
             body = chat(stream=wave % 2 == 1, mock={"input_tokens": 100})
             got = await asyncio.gather(*(fire(http, h.url, key, body, r) for r in rids))
             results.update(zip(rids, got, strict=True))
             wave += 1
             await asyncio.sleep(0.3)
-        assert wave >= 4
+        assert wave >= 20
         statuses = {s for s, _ in results.values()}
         assert statuses == {200}, f"requests failed while Postgres was away: {statuses}"
         assert h.worker.flusher.failures >= 1  # type: ignore[union-attr]
