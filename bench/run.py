@@ -670,13 +670,16 @@ def component_costs(rows: list[Row], order: list[str]) -> str:
     i-th of the other, and req/s are summed over the pairs. On a shared, noisy host a
     single pair can be off by more than the effect; alternate several (`--targets
     a,b,a,b,a,b`) and read the pooled figure, with the median pair beside it (one
-    disturbed pair moves the pooled figure, not the median). Empty when no such pair ran."""
+    disturbed pair moves the pooled figure, not the median). The last column is what
+    the component adds to the gateway's own CPU per request (its process tree: workers
+    and a ledger process, not Postgres), the mean over the pairs: the cost where the
+    gateway's CPU is what bounds throughput. Empty when no such pair ran."""
     out: list[str] = []
     for name in order:
-        runs: dict[str, list[float]] = {}
+        runs: dict[str, list[Row]] = {}
         for r in rows:
             if r.scenario == name and r.rps is not None and not r.errors:
-                runs.setdefault(r.target, []).append(r.rps)
+                runs.setdefault(r.target, []).append(r)
         for variant, without in sorted(runs.items()):
             base = next((variant[:-len(x)] for x in _WITHOUT if variant.endswith(x)), None)
             if base is None:
@@ -686,19 +689,21 @@ def component_costs(rows: list[Row], order: list[str]) -> str:
                 if full not in runs:
                     continue
                 pairs = list(zip(runs[full], without, strict=False))
-                with_sum = sum(p[0] for p in pairs)
-                without_sum = sum(p[1] for p in pairs)
-                costs = [(a / b - 1) * 100 for a, b in pairs]
+                with_sum = sum(a.rps or 0 for a, _ in pairs)
+                without_sum = sum(b.rps or 0 for _, b in pairs)
+                costs = [((a.rps or 0) / (b.rps or 1) - 1) * 100 for a, b in pairs]
                 each = ", ".join(f"{c:+.1f} %" for c in costs)
+                cpu = [(a.cpu_ms / b.cpu_ms - 1) * 100 for a, b in pairs if a.cpu_ms and b.cpu_ms]
+                cpu_text = f"{statistics.mean(cpu):+.1f} %" if cpu else "—"
                 out.append(f"| {name} | {full} vs {variant} | {len(pairs)} | {with_sum:.0f} / "
                            f"{without_sum:.0f} | {(with_sum / without_sum - 1) * 100:+.1f} % | "
-                           f"{statistics.median(costs):+.1f} % | {each} |")
+                           f"{statistics.median(costs):+.1f} % | {each} | {cpu_text} |")
     if not out:
         return ""
     return "\n".join([
         "| scenario | with vs without | pairs | req/s summed, with / without | cost | median pair"
-        " | each pair |",
-        "|---|---|---|---|---|---|---|", *out])
+        " | each pair | gateway CPU per request |",
+        "|---|---|---|---|---|---|---|---|", *out])
 
 
 def environment() -> str:

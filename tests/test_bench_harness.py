@@ -179,3 +179,12 @@ def test_component_costs_median_pair_resists_one_disturbed_pair() -> None:
                  run.Row("chat_c64", "tollway1-noledger", rps=1000.0)]
     text = run.component_costs(rows, ["chat_c64"])
     assert "| tollway1-proc vs tollway1-noledger | 3 | 2410 / 3000 | -19.7 % | -5.0 % |" in text
+    assert text.rstrip().endswith("| — |")  # no CPU figures in these rows
+
+
+def test_component_costs_give_the_gateway_cpu_per_request() -> None:
+    rows = [run.Row("chat_c64", "tollway1", rps=900.0, cpu_ms=0.110),
+            run.Row("chat_c64", "tollway1-noledger", rps=1000.0, cpu_ms=0.100),
+            run.Row("chat_c64", "tollway1", rps=900.0, cpu_ms=0.130),
+            run.Row("chat_c64", "tollway1-noledger", rps=1000.0, cpu_ms=0.100)]
+    assert run.component_costs(rows, ["chat_c64"]).rstrip().endswith("| +20.0 % |")
