@@ -9,6 +9,7 @@ applies every migration, and drops it at the end.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import tempfile
@@ -87,3 +88,31 @@ async def pg(pg_dsn: str):
     conn = await asyncpg.connect(pg_dsn)
     yield conn
     await conn.close()
+
+
+class _ReapedElsewhere(logging.Handler):
+    """Collects asyncio's "Unknown child process pid" warnings: a child reaped behind
+    asyncio's watcher reports 255, not its status (see tests/children.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "Unknown child process pid" in msg:
+            self.seen.append(msg)
+
+
+@pytest.fixture(autouse=True)
+def _no_child_reaped_behind_asyncio() -> Iterator[None]:
+    handler = _ReapedElsewhere()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.seen:
+        pytest.fail("a child process was reaped behind asyncio's watcher (use tests.children.stop): "
+                    + "; ".join(handler.seen))

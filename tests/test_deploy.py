@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import config as C
+from tests.children import stop
 from tests.gateway import Harness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -408,6 +410,5 @@ async def test_nginx_config_streams_through_and_hides_metrics(pg_dsn: str, tmp_p
                 assert r.status == 200
     finally:
         if proc is not None:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), 10)
+            await stop(proc, signal.SIGTERM)
         await h.stop()

@@ -20,6 +20,7 @@ from test_ledger import balance, make_account, rec
 from accounting import journal as jn
 from accounting.journal import Journal, encode, parse, replay
 from accounting.ledger import Flusher, Ledger
+from tests.children import stop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,12 +134,10 @@ async def test_replay_after_kill_9_lands_every_row_exactly_once(
         assert proc.stdout is not None
         assert (await proc.stdout.readline()).strip() == b"ready"
         assert replay(jdir) == []  # alive: its segments are locked
-        os.kill(proc.pid, signal.SIGKILL)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        # Once, and never through Process.kill(): see tests/children.py.
+        returncode = await stop(proc, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
     rows = replay(jdir)
     assert [r.request_id for r in rows] == [f"crash-{tag}-{i:05d}" for i in range(n)]
     backup = tmp_path / "backup"

@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from accounting.money import parse_usd
+from tests.children import stop
 from tests.gateway import Harness
 
 CLIENTS_DIR = os.environ.get("TOLLWAY_CLIENTS_DIR", "")
@@ -57,8 +58,7 @@ async def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, st
     try:
         out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        await stop(proc)
         raise AssertionError(f"{argv[0]} did not finish within {RUN_TIMEOUT_S} s") from None
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
