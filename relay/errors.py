@@ -5,6 +5,8 @@
     ├── InvalidKey                    401     invalid_api_key       authentication_error
     ├── InsufficientQuota             402     insufficient_quota    billing_error
     ├── ModelNotAllowed               403     model_not_allowed     permission_error
+    ├── IpNotAllowed                  403     ip_not_allowed        permission_error
+    ├── IpLimitExceeded               403     ip_limit_exceeded     permission_error
     ├── ModelNotFound                 404     model_not_found       not_found_error
     ├── NotFound                      404     not_found             not_found_error
     ├── MethodNotAllowed              405     method_not_allowed    invalid_request_error
@@ -77,6 +79,24 @@ class ModelNotAllowed(GatewayError):
     anthropic_type = "permission_error"
 
 
+class IpNotAllowed(GatewayError):
+    """The client address is outside the key's allowlist."""
+
+    status = 403
+    openai_code = "ip_not_allowed"
+    openai_type = "invalid_request_error"
+    anthropic_type = "permission_error"
+
+
+class IpLimitExceeded(GatewayError):
+    """The account already used its distinct client addresses for the window."""
+
+    status = 403
+    openai_code = "ip_limit_exceeded"
+    openai_type = "invalid_request_error"
+    anthropic_type = "permission_error"
+
+
 class ModelNotFound(GatewayError):
     status = 404
     openai_code = "model_not_found"
@@ -133,12 +153,15 @@ class UpstreamTimeout(GatewayError):
     anthropic_type = "api_error"
 
 
-# Denials from limits arrive as (status, code); map them onto the family.
+# Denials from limits arrive as (status, code); map them onto the family. Every code
+# limits/ can return must be here (tests/test_error_codes.py walks the source), else it
+# renders as a 500-shaped internal_error. NoChannel shares UpstreamError's code.
 BY_CODE: dict[str, type[GatewayError]] = {
     cls.openai_code: cls
     for cls in (
-        InvalidRequest, InvalidKey, InsufficientQuota, ModelNotAllowed, ModelNotFound,
-        RequestTooLarge, RateLimited, UpstreamError, UpstreamTimeout,
+        InvalidRequest, InvalidKey, InsufficientQuota, ModelNotAllowed, IpNotAllowed,
+        IpLimitExceeded, ModelNotFound, NotFound, MethodNotAllowed, RequestTooLarge,
+        RateLimited, UpstreamError, UpstreamTimeout,
     )
 }
 
