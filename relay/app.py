@@ -104,7 +104,8 @@ class Gateway:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.pool = UpstreamPool(cfg.upstream.connect_timeout_s, cfg.upstream.pool_size)
-        self.router = Router(cfg.channels, breaker=breaker_factory(cfg))
+        self.router = Router(cfg.channels, breaker=breaker_factory(cfg),
+                             prefer_native=cfg.upstream.prefer_native)
         self.keys = KeyCache()
         self.groups = Groups()
         self.limiter = limiter
@@ -253,10 +254,10 @@ class Gateway:
         if self.pricebook is not None:
             listed.update(m for m in self.pricebook.models() if m != "default"
                           and self.router.known_model(m))
-        names = sorted(m for m in listed if self.model_allowed(key, m))
+        names = sorted(m for m in listed if self.model_allowed(key, m) and self._priced(m))
         if key.models is not None:
             names = sorted(set(names) | {m for m in key.models if "*" not in m
-                                          and self.router.known_model(m)})
+                                          and self.router.known_model(m) and self._priced(m)})
         path = req.path
         one = None
         if path.count(b"/") >= (3 if path.startswith(b"/v1/") else 2) and not path.endswith(b"/models"):
@@ -273,7 +274,7 @@ class Gateway:
                 if it["id"] == one:
                     conn.send(200, headers, orjson.dumps(it))
                     return
-            if self.router.known_model(one) and self.model_allowed(key, one):
+            if self.router.known_model(one) and self.model_allowed(key, one) and self._priced(one):
                 # Served through a channel pattern (e.g. "gpt-*"): usable, so retrievable.
                 item: dict[str, Any] = (
                     {"type": "model", "id": one, "display_name": one, "created_at": "2025-01-01T00:00:00Z"}
@@ -290,6 +291,16 @@ class Gateway:
         else:
             body = {"object": "list", "data": items}
         conn.send(200, headers, orjson.dumps(body))
+
+    def _priced(self, model: str) -> bool:
+        """A model without a price is refused (404), so it is not listed either."""
+        if self.pricebook is None:
+            return True
+        try:
+            self.pricebook.lookup(model)
+        except LookupError:
+            return False
+        return True
 
     # --- the model request ------------------------------------------------------------
 
@@ -328,7 +339,7 @@ class Gateway:
                 raise E.InvalidRequest("Invalid model name: at most 256 printable characters")
             model = m
             stream = body.get("stream") is True and route.streamable
-            channels = self.router.candidates(model, last_resort=False)
+            channels = self.router.candidates(model, False, protocol, route.name == "responses")
             if not channels:
                 if not self.router.known_model(model):
                     raise E.ModelNotFound(f"The model '{model}' does not exist")
@@ -362,7 +373,7 @@ class Gateway:
             deadline = t0 + self.cfg.upstream.retry_deadline_s
             answered = model  # the model whose channel answers (a fallback may)
             failed: set[str] = set()
-            for cand_model, ch in self._attempt_plan(model, channels):
+            for cand_model, ch in self._attempt_plan(model, channels, route):
                 if attempts >= max_attempts or ch.name in failed:
                     continue
                 plan = None
@@ -440,12 +451,13 @@ class Gateway:
             self._settle(req, route, key, body, model, stream, ex, channel, upstream_model,
                          price, multiplier, lease, error, t0, ts, attempts, tried)
 
-    def _attempt_plan(self, model: str, channels: list[Channel]) -> Iterator[tuple[str, Channel]]:
+    def _attempt_plan(self, model: str, channels: list[Channel],
+                      route: Route) -> Iterator[tuple[str, Channel]]:
         """The requested model's channels, then each configured fallback model's."""
         for c in channels:
             yield model, c
         for fb in self._fallbacks.get(model, ()):
-            for c in self.router.candidates(fb, last_resort=False):
+            for c in self.router.candidates(fb, False, route.protocol, route.name == "responses"):
                 yield fb, c
 
     async def _send(self, ex: Exchange, channel: Channel, raw: bytes, fb: float, idle: float,

@@ -52,6 +52,9 @@ class UpstreamConfig:
     total_timeout_s: float = 900.0
     max_attempts: int = 3  # channels tried before the first byte
     retry_deadline_s: float = 30.0
+    # Inside one priority, channels speaking the client's protocol are tried before those
+    # that need translation; false: one priority's channels are mixed by weight alone.
+    prefer_native: bool = True
     pool_size: int = 256  # keep-alive connections per upstream host
     reasoning_models: tuple[str, ...] = ("o1*", "o3*", "o4*", "gpt-5*", "*thinking*", "*reasoner*")
     breaker_window_s: float = 60.0  # error rate is measured over this sliding window

@@ -2,7 +2,10 @@
 
 A channel is immutable once built (credential headers and origin precomputed); the
 router maps a requested model to its candidate channels, cached per model name, in
-priority tiers with weighted random order inside a tier. Channels whose breaker is
+priority tiers with weighted random order inside a tier; inside a tier, channels that
+speak the client's protocol come before those that need translation (translation drops
+provider features), unless the operator mixes them (`upstream.prefer_native = false`).
+Channels whose breaker is
 open, or that are at their concurrency cap, are skipped (a half-open breaker lets one
 probe through). No I/O here; the gateway decides what to retry, this module only
 remembers how each channel has been doing.
@@ -200,20 +203,26 @@ class Router:
     """Channels by model: priority tiers (higher first), weighted random order in a tier.
 
     `breaker` builds each channel's Breaker (its settings come from the caller's config);
-    `clock` is the monotonic clock breakers are read with.
+    `clock` is the monotonic clock breakers are read with; `prefer_native` puts, inside a
+    tier, the channels needing no translation first.
     """
 
     def __init__(self, channels: Iterable[ChannelConfig], *,
                  breaker: Callable[[], Breaker] = Breaker,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 prefer_native: bool = True) -> None:
         self.channels = [Channel(c, breaker()) for c in channels]
         self.clock = clock
+        self.prefer_native = prefer_native
         self._cache: dict[str, list[Channel]] = {}
 
-    def candidates(self, model: str, last_resort: bool = True) -> list[Channel]:
+    def candidates(self, model: str, last_resort: bool = True, protocol: int = -1,
+                   responses: bool = False) -> list[Channel]:
         """Channels serving `model` that may take a request now, best tier first, weighted
-        random within a tier; open breakers and channels at their concurrency cap are left
-        out. When that leaves none and `last_resort` is set, the best channel is returned
+        random within a tier, native before translated inside a tier when the client's
+        `protocol` (0 OpenAI, 1 Anthropic) is given (`responses`: the client is on
+        /v1/responses, which a chat-only OpenAI channel serves by translation); open
+        breakers and channels at their concurrency cap are left out. When that leaves none and `last_resort` is set, the best channel is returned
         anyway (a caller that cannot tell "no channel now" from "unknown model" keeps
         working); with `last_resort=False` the answer is empty, and `known_model` tells
         the caller to answer 503 rather than 404."""
@@ -234,13 +243,19 @@ class Router:
         for c in base:
             tiers.setdefault(-c.cfg.priority, []).append(c)
         ordered: list[Channel] = []
+        split = protocol >= 0 and self.prefer_native
         for prio in sorted(tiers):
-            tier = list(tiers[prio])
-            weights = [max(c.cfg.weight, 1) for c in tier]
-            while tier:
-                pick = random.choices(range(len(tier)), weights)[0] if len(tier) > 1 else 0
-                ordered.append(tier.pop(pick))
-                weights.pop(pick)
+            if split:
+                native: list[Channel] = []
+                foreign: list[Channel] = []
+                for c in tiers[prio]:
+                    ok = c.protocol_id == protocol and not (responses and c.chat_only)
+                    (native if ok else foreign).append(c)
+                if native and foreign:
+                    _weighted(native, ordered)
+                    _weighted(foreign, ordered)
+                    continue
+            _weighted(list(tiers[prio]), ordered)
         # Capacity first: a channel at its cap must not take the half-open probe slot.
         usable = [c for c in ordered if not c.at_capacity() and c.breaker.available(now)]
         if usable or not last_resort:
@@ -276,6 +291,15 @@ class Router:
             snap["protocol"] = c.protocol
             out[c.name] = snap
         return out
+
+
+def _weighted(tier: list[Channel], out: list[Channel]) -> None:
+    """Append `tier` to `out` in weighted random order (consumes `tier`)."""
+    weights = [max(c.cfg.weight, 1) for c in tier]
+    while tier:
+        pick = random.choices(range(len(tier)), weights)[0] if len(tier) > 1 else 0
+        out.append(tier.pop(pick))
+        weights.pop(pick)
 
 
 def channel_state(router: Router) -> dict[str, tuple[str, str, str, str, dict[str, float]]]:

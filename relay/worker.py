@@ -313,7 +313,8 @@ class Worker:
             )
             specs.append(spec)
         old = {c.name: c for c in gw.router.channels}
-        router = Router(specs, breaker=breaker_factory(self.cfg))
+        router = Router(specs, breaker=breaker_factory(self.cfg),
+                        prefer_native=self.cfg.upstream.prefer_native)
         for c in router.channels:
             prev = old.get(c.name)
             if prev is not None and prev.cfg == c.cfg:

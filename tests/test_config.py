@@ -20,12 +20,12 @@ def test_shipped_config_is_the_quick_start() -> None:
     chans = {c.name: c for c in cfg.channels}
     assert set(chans) == {"mock-openai", "mock-anthropic"}
     assert (chans["mock-openai"].protocol, chans["mock-openai"].base_url, chans["mock-openai"].models) == (
-        "openai", "http://127.0.0.1:8090/v1", ("*",))
+        "openai", "http://127.0.0.1:8090/v1", ("gpt-4o-mini", "gpt-5.5"))
     assert chans["mock-openai"].api_key_env == "MOCK_UPSTREAM_KEY"
     assert (chans["mock-anthropic"].protocol, chans["mock-anthropic"].base_url, chans["mock-anthropic"].models) == (
-        "anthropic", "http://127.0.0.1:8090", ("claude-*",))
+        "anthropic", "http://127.0.0.1:8090", ("claude-sonnet-4-6", "claude-haiku-4-5"))
     prices = dict(cfg.prices)
-    assert set(prices) == {"gpt-4o-mini", "gpt-5.5", "claude-sonnet-4-6", "claude-haiku-4-5", "default"}
+    assert set(prices) == {"gpt-4o-mini", "gpt-5.5", "claude-sonnet-4-6", "claude-haiku-4-5"}
     assert parse_usd(prices["gpt-4o-mini"].input) == 150_000_000
     for model, p in prices.items():  # every price is exact money
         for v in (p.input, p.output, p.cache_read, p.cache_write):
