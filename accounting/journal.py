@@ -17,6 +17,31 @@ twice is harmless). A segment is deleted once every row in it is committed. A to
 or corrupt record (crash mid-write) is skipped by length/CRC and the reader
 resynchronises on the next valid frame.
 
+Checkpoints (a crash mid-stream still bills what was emitted). A stream in flight has
+no settled row yet; about once a second the gateway journals a *checkpoint* of it: the
+full flat row it would settle with now (`checkpoint`). A checkpoint frame is a row frame
+whose payload is `["checkpoint", <row>]`, so it takes no sequence number (`seq`,
+`Segment.count` and `read` see rows only) and a reader that does not know it skips it as
+"CRC-valid but not ours". The rules, for a request id:
+- a later checkpoint supersedes an earlier one; a settled row supersedes every checkpoint
+  of its id, wherever it is in the journal;
+- a checkpoint is never flushed while its writer lives (only rows are);
+- when a dead worker's journal is adopted (`dead_journals`: worker start-up, flusher
+  adoption; accounting.ledgerd for the ledger process), each id whose last word is a
+  checkpoint (`interrupted`) is charged that checkpoint's row, through the same
+  idempotent insert as rows (its request id and admission time are the settled row's,
+  so it lands once, and never beside a settled row that reached Postgres).
+
+Segment deletion stays what it was (a segment goes once its rows are committed), which
+would lose a live stream's only checkpoint in an old segment. Instead of keeping such
+segments, the journal keeps each live stream's latest checkpoint frame in memory (until
+`forget_checkpoint`, which the gateway calls before it settles the stream) and writes
+them all at the head of every new segment (`_rotate`). So the newest segment, which
+nothing deletes while its writer lives, always holds the latest checkpoint of every live
+stream, and an older segment's checkpoints are superseded or belong to settled streams.
+The cost is one write of the live streams' frames per rotation (a few hundred bytes per
+stream, once per 8 MiB of journal); the hot path is untouched.
+
 This module does file I/O only: it never talks to Postgres and never awaits.
 """
 
@@ -28,7 +53,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -42,6 +67,8 @@ HEADER_SIZE = _HDR_SIZE  # a frame is this header, then its payload
 _MAX_PAYLOAD = 1 << 20  # a usage row is ~400 bytes; anything larger is corruption
 SUFFIX = ".wal"
 _MAGIC_BYTES = struct.pack("<H", MAGIC)
+CHECKPOINT = "checkpoint"  # first element of a checkpoint frame's payload
+_CHECKPOINT_PREFIX = b'["checkpoint",'
 
 
 # What orjson raises on a row it cannot encode (a lone surrogate, an int past 64 bits,
@@ -56,12 +83,27 @@ def encode(rec: UsageRecord | UsageRow) -> bytes:
     return _HDR.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def encode_checkpoint(row: UsageRow) -> bytes:
+    """One framed checkpoint of a stream in flight (raises one of UNENCODABLE)."""
+    payload = orjson.dumps((CHECKPOINT, row))
+    return _HDR.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def is_checkpoint(frame: bytes) -> bool:
+    """Whether a frame (header included) is a checkpoint rather than a settled row."""
+    return frame.startswith(_CHECKPOINT_PREFIX, _HDR_SIZE)
+
+
 def decode(payload: bytes) -> UsageRecord:
     return UsageRecord.from_row(orjson.loads(payload))
 
 
+_UNDECODABLE = (ValueError, TypeError, IndexError, KeyError, orjson.JSONDecodeError)
+
+
 def parse(buf: bytes, *, final: bool = True) -> tuple[list[UsageRecord], int, int]:
-    """Decode the frames in `buf`: (records, bytes consumed, bytes skipped as corrupt).
+    """Decode the settled rows in `buf`: (records, bytes consumed, bytes skipped as
+    corrupt). Checkpoints are not rows and are left out (see `parse_all`).
 
     With `final=False` an incomplete frame at the end is left unconsumed (the caller
     reads more); with `final=True` it is a torn write and counted as skipped.
@@ -69,11 +111,43 @@ def parse(buf: bytes, *, final: bool = True) -> tuple[list[UsageRecord], int, in
     frames, pos, skipped = parse_frames(buf, final=final)
     out: list[UsageRecord] = []
     for f in frames:
+        if is_checkpoint(f):
+            continue
         try:
             out.append(decode(f[_HDR_SIZE:]))
-        except (ValueError, TypeError, IndexError, KeyError, orjson.JSONDecodeError):
+        except _UNDECODABLE:
             pass  # CRC-valid but not ours: skip the frame
     return out, pos, skipped
+
+
+def parse_all(buf: bytes) -> tuple[list[UsageRecord], list[UsageRecord], int]:
+    """The settled rows and the checkpoints in `buf` (a whole segment), each in file
+    order, and the bytes skipped as corrupt."""
+    frames, _, skipped = parse_frames(buf, final=True)
+    rows: list[UsageRecord] = []
+    checkpoints: list[UsageRecord] = []
+    for f in frames:
+        try:
+            if is_checkpoint(f):
+                _, row = orjson.loads(memoryview(f)[_HDR_SIZE:])
+                checkpoints.append(UsageRecord.from_row(row))
+            else:
+                rows.append(decode(f[_HDR_SIZE:]))
+        except _UNDECODABLE:
+            pass  # CRC-valid but not ours: skip the frame
+    return rows, checkpoints, skipped
+
+
+def interrupted(rows: Iterable[UsageRecord], checkpoints: Iterable[UsageRecord]) -> list[UsageRecord]:
+    """What a dead writer's journal owes for its streams cut by the crash: for each
+    request id with a checkpoint and no settled row (in `rows`, the whole journal's),
+    its last checkpoint (`checkpoints` in journal order)."""
+    settled = {r.request_id for r in rows}
+    last: dict[str, UsageRecord] = {}
+    for c in checkpoints:
+        if c.request_id not in settled:
+            last[c.request_id] = c
+    return list(last.values())
 
 
 def parse_frames(buf: bytes, *, final: bool = True) -> tuple[list[bytes], int, int]:
@@ -156,6 +230,8 @@ class DeadSegment:
     fd: int
     records: list[UsageRecord]
     skipped_bytes: int
+    checkpoints: list[UsageRecord] = field(default_factory=list)
+    interrupted: int = 0  # leading `records` that are interrupted streams' checkpoints
 
     def release(self, *, delete: bool) -> None:
         if self.fd < 0:
@@ -186,8 +262,48 @@ def dead_segments(directory: str | os.PathLike[str], exclude: Iterable[str] = ()
         fd = _try_lock(path)
         if fd is None:
             continue
-        records, _, skipped = parse(_read_fd(fd))
-        yield DeadSegment(path, fd, records, skipped)
+        records, checkpoints, skipped = parse_all(_read_fd(fd))
+        yield DeadSegment(path, fd, records, skipped, checkpoints)
+
+
+def journal_of(path: str) -> str:
+    """The journal a segment file belongs to (`<journal>-<segment no>.wal`)."""
+    return os.path.basename(path).rsplit("-", 1)[0]
+
+
+def dead_journals(directory: str | os.PathLike[str],
+                  exclude: Iterable[str] = ()) -> Iterator[list[DeadSegment]]:
+    """Yield, per journal that no live process holds, its segments, locked and parsed,
+    in order; the first one's `records` begin with what the journal owes for its
+    interrupted streams (`interrupted`), so those are committed before any of its
+    segments is deleted. A journal is taken whole or not at all: with part of it held
+    by another adopter, a checkpoint could be charged here while its settled row is
+    flushed there."""
+    by_journal: dict[str, list[str]] = {}
+    skip = set(exclude)
+    for path in _segment_files(directory):
+        if path not in skip:
+            by_journal.setdefault(journal_of(path), []).append(path)
+    for paths in by_journal.values():
+        fds: list[int] = []
+        for path in paths:
+            fd = _try_lock(path)
+            if fd is None:
+                break
+            fds.append(fd)
+        if len(fds) < len(paths):
+            for fd in fds:
+                os.close(fd)
+            continue
+        segs = []
+        for path, fd in zip(paths, fds, strict=True):
+            records, checkpoints, skipped = parse_all(_read_fd(fd))
+            segs.append(DeadSegment(path, fd, records, skipped, checkpoints))
+        owed = interrupted((r for s in segs for r in s.records),
+                           (c for s in segs for c in s.checkpoints))
+        segs[0].records[:0] = owed
+        segs[0].interrupted = len(owed)
+        yield segs
 
 
 def replay(directory: str | os.PathLike[str]) -> list[UsageRecord]:
@@ -217,9 +333,9 @@ class Journal:
     """
 
     __slots__ = (
-        "_buf", "_current", "_dirty", "_name", "_next_no", "_schedule",
-        "_segment_bytes", "_segments", "directory", "on_encoded", "on_unwritten", "seq",
-        "write_errors",
+        "_buf", "_checkpoints", "_current", "_dirty", "_live", "_name", "_next_no",
+        "_schedule", "_segment_bytes", "_segments", "checkpoint_errors", "directory",
+        "on_encoded", "on_unwritten", "seq", "write_errors",
     )
 
     def __init__(
@@ -246,6 +362,12 @@ class Journal:
         self._schedule: Callable[[Callable[[], None]], object] | None = None
         self.seq = 0  # rows appended so far (written, or buffered to be written)
         self.write_errors = 0
+        # Checkpoints (see the module docstring): each live stream's latest frame, written
+        # again at the head of every new segment, and the frames to write at the end of
+        # this loop iteration.
+        self._live: dict[str, bytes] = {}
+        self._checkpoints: list[bytes] = []
+        self.checkpoint_errors = 0
         self._current = self._open_segment()
 
     @property
@@ -308,9 +430,12 @@ class Journal:
         self._schedule = schedule
 
     def write_buffered(self) -> None:
-        """Write the deferred rows with one `os.write`; idempotent when there are none."""
+        """Write the deferred rows with one `os.write`, then the checkpoints taken in this
+        iteration with another; idempotent when there are none."""
         buf = self._buf
         if not buf:
+            if self._checkpoints:
+                self._write_checkpoints()
             return
         frames: list[bytes | None] = []
         for rec in buf:
@@ -347,6 +472,58 @@ class Journal:
                 self.on_unwritten([r for r, f in zip(buf, frames, strict=True) if f is None])
         if self.on_encoded is not None:
             self.on_encoded(first, frames)
+        if self._checkpoints:
+            self._write_checkpoints()
+
+    # --- checkpoints (about once a second, off the per-row path) ------------------------
+
+    def checkpoint(self, request_id: str, frame: bytes) -> None:
+        """Journal a stream's checkpoint (`encode_checkpoint`): with deferred writes at
+        the end of this loop iteration, with the iteration's other checkpoints in one
+        `os.write`; otherwise now. It supersedes the id's earlier checkpoint and is
+        written again at the head of each new segment until `forget_checkpoint`."""
+        self._live[request_id] = frame
+        if self._schedule is None:
+            self._checkpoints.append(frame)
+            self._write_checkpoints()
+            return
+        if not self._checkpoints and not self._buf:
+            self._schedule(self.write_buffered)
+        self._checkpoints.append(frame)
+
+    def forget_checkpoint(self, request_id: str) -> None:
+        """The stream is over (its settled row follows, or nothing is owed): its
+        checkpoint is no longer carried into new segments."""
+        self._live.pop(request_id, None)
+
+    @property
+    def live_checkpoints(self) -> int:
+        return len(self._live)
+
+    def _write_checkpoints(self) -> None:
+        frames, self._checkpoints = self._checkpoints, []
+        if self._current.size >= self._segment_bytes:
+            self._rotate()  # writes every live stream's latest checkpoint, these included
+            return
+        self._write_frames(self._current, b"".join(frames))
+
+    def _write_frames(self, seg: Segment, data: bytes) -> None:
+        """Write checkpoint frames (no sequence numbers) at the end of `seg`. Best effort:
+        a failed write is cut off and counted; the stream's next checkpoint, or its
+        settled row, comes along anyway."""
+        try:
+            n = os.write(seg.fd, data)
+        except OSError:
+            n = -1
+        if n != len(data):
+            self.checkpoint_errors += 1
+            try:
+                os.ftruncate(seg.fd, seg.size)
+            except OSError:
+                pass
+            return
+        seg.size += n
+        self._dirty = True
 
     # --- flusher side -----------------------------------------------------------------
 
@@ -373,6 +550,11 @@ class Journal:
 
     def _rotate(self, first_seq: int | None = None) -> Segment:
         self._current = self._open_segment(first_seq)
+        if self._live:
+            # The newest segment holds every live stream's latest checkpoint, so older
+            # segments can go once their rows are committed (module docstring).
+            self._checkpoints = []
+            self._write_frames(self._current, b"".join(self._live.values()))
         # Segments a ledger process deleted (accounting.ledgerd) leave only our fd.
         gone = [seg for seg in self._segments[:-1] if _unlinked(seg.fd)]
         for seg in gone:
@@ -488,10 +670,13 @@ class Journal:
 
 
 def _frame_end(buf: bytes, n: int) -> int:
-    """Byte offset just past the n-th valid frame in `buf` (our own, well-formed writes)."""
+    """Byte offset just past the n-th row frame in `buf` (our own, well-formed writes;
+    checkpoint frames are not rows)."""
     pos = 0
-    for _ in range(n):
+    while n:
         _, length, _ = _HDR.unpack_from(buf, pos)
+        if not buf.startswith(_CHECKPOINT_PREFIX, pos + _HDR_SIZE):
+            n -= 1
         pos += _HDR_SIZE + length
     return pos
 

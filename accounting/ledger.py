@@ -61,9 +61,10 @@ from accounting.journal import (
     Cursor,
     DeadSegment,
     Journal,
-    dead_segments,
+    dead_journals,
     decode,
     encode,
+    encode_checkpoint,
 )
 from accounting.records import UsageRecord, UsageRow
 
@@ -180,6 +181,32 @@ class Ledger:
             pending.append(data if _csv_ready(rec, data) else rec)
         if len(pending) == self._flush_rows and self._wake is not None:
             self._wake()
+
+    def checkpoint(self, row: UsageRow) -> None:
+        """Journal a checkpoint of a stream in flight: the flat row it would settle with
+        now (same layout as `record`'s; its request id and admission time must be those
+        of the row the stream will settle with). Synchronous, never raises; off the
+        per-request path (the gateway calls it about once a second per live stream).
+
+        Never flushed while this process lives: if the process dies before the stream
+        settles, whoever adopts the journal charges the last checkpoint, once
+        (accounting.journal, "Checkpoints"). Without a journal there is nothing a crash
+        could leave, so nothing to do.
+        """
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            frame = encode_checkpoint(row)
+        except UNENCODABLE:
+            return  # its settled row is handled as any unencodable row; a crash loses it
+        journal.checkpoint(row[1], frame)
+
+    def forget_checkpoint(self, request_id: str) -> None:
+        """The stream is settling (its row follows) or owes nothing: stop carrying its
+        checkpoint into new journal segments."""
+        if self.journal is not None:
+            self.journal.forget_checkpoint(request_id)
 
     def _unwritten(self, rows: list[UsageRecord | UsageRow]) -> None:
         """keep=False: rows the journal could not write are held here, as in record()."""
@@ -745,6 +772,9 @@ class Flusher:
         self.last_flush_s = 0.0
         self.last_error = ""
         self.replayed_rows = 0
+        # Interrupted streams' last checkpoints taken from dead journals, to be charged
+        # unless already logged (counted in replayed_rows too).
+        self.interrupted_rows = 0
         self.plan_charged_nano = 0
 
     @classmethod
@@ -775,7 +805,9 @@ class Flusher:
             "last_flush_seconds": self.last_flush_s,
             "journal_bytes": journal.bytes if journal is not None else 0,
             "journal_write_errors_total": journal.write_errors if journal is not None else 0,
+            "checkpoint_write_errors_total": journal.checkpoint_errors if journal is not None else 0,
             "replayed_rows_total": self.replayed_rows,
+            "interrupted_rows_total": self.interrupted_rows,
         }
 
     # --- lifecycle -----------------------------------------------------------------
@@ -784,7 +816,10 @@ class Flusher:
         """Adopt dead workers' journal segments, then flush in the background."""
         journal = self.ledger.journal
         if journal is not None and self.adopt_dead:
-            self._dead = list(dead_segments(journal.directory, exclude=journal.paths))
+            # Whole journals, each with what it owes for its interrupted streams first.
+            self._dead = [seg for segs in dead_journals(journal.directory, exclude=journal.paths)
+                          for seg in segs]
+            self.interrupted_rows += sum(seg.interrupted for seg in self._dead)
         self.ledger._wake = self._wake.set
         loop = asyncio.get_running_loop()
         self.ledger.defer_writes(loop)
@@ -819,7 +854,10 @@ class Flusher:
         journal = self.ledger.journal
         if journal is not None:
             # keep=False: the journal holds rows a ledger process has still to flush.
-            journal.close(delete=done and self.ledger.backlog == 0 and self.ledger._keep)
+            # A stream still live here (never settled) is owed its last checkpoint by
+            # whoever adopts the journal next.
+            journal.close(delete=done and self.ledger.backlog == 0 and self.ledger._keep
+                          and not journal.live_checkpoints)
         for i, conn in enumerate(self._conns):
             if conn is not None:
                 with contextlib.suppress(*_CONNECTION_ERRORS):

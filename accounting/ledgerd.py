@@ -17,6 +17,14 @@ The worker's limiter moves those sums out of "unflushed" (what `on_flushed` does
 in-process flusher), it skips a budget snapshot that straddles a "b" and its "d", and it
 deletes the segments (so does this process, for a worker that is not listening).
 
+Checkpoints of streams in flight (accounting.journal, "Checkpoints") are skipped while
+their worker lives. Once a dead worker's journal has been read to its end, the last
+checkpoint of each request id with no settled row in what is left of the journal is
+charged like a row of it (checked against usage_log first, so once), before any of its
+segments is deleted. Segments this process deleted earlier hold nothing owed: their rows
+are committed, and every live stream's latest checkpoint is in the worker's newest
+segment.
+
 Liveness: a worker holds `flock` on its segments. A journal whose newest segment could
 be locked on two scans in a row belongs to a dead worker (a worker creating a segment
 waits for a probe's lock, see Journal._open_segment, and holds it microseconds later): it
@@ -46,7 +54,15 @@ from typing import Any
 
 import orjson
 
-from accounting.journal import HEADER_SIZE, SUFFIX, parse_frames
+from accounting.journal import (
+    HEADER_SIZE,
+    SUFFIX,
+    _read_fd,
+    interrupted,
+    is_checkpoint,
+    parse_all,
+    parse_frames,
+)
 from accounting.ledger import _TS_MAX, _TS_MIN, MAX_STATS, Flusher, Ledger, LedgerSettings
 from accounting.records import UsageRecord
 
@@ -135,6 +151,9 @@ class Tail:
         self.writer: asyncio.StreamWriter | None = None
         self.position: tuple[int, int] | None = None  # last committed (segment, offset)
         self.skipped_frames = 0
+        # A dead worker's interrupted streams have been read and queued (see the module
+        # docstring); its segments are deleted only after.
+        self.owed_queued = False
 
     # --- reading -------------------------------------------------------------------
 
@@ -182,10 +201,36 @@ class Tail:
                 room -= n
             if seg.offset < size or not complete:
                 break  # in order: nothing from a later segment before this one is read
+        if self.dead and not self.owed_queued and all(
+                seg.offset >= os.fstat(seg.fd).st_size for seg in self.segments.values()):
+            self._queue_owed()
         if len(ledger.pending) >= ledger._flush_rows:
             self.flusher._wake.set()
         if self.dead:
             self._delete_committed()
+
+    def _queue_owed(self) -> None:
+        """The dead worker's journal is read to its end: queue, after its rows, the last
+        checkpoint of each stream it never settled, to be checked against usage_log
+        (the write path for rows that may be logged) and charged once."""
+        self.owed_queued = True
+        rows, checkpoints = [], []
+        for no in sorted(self.segments):
+            r, c, _ = parse_all(_read_fd(self.segments[no].fd))
+            rows += r
+            checkpoints += c
+        owed = interrupted(rows, checkpoints)
+        if not owed:
+            return
+        self.ledger.pending.extend(owed)
+        self.read_seq += len(owed)
+        newest = self.segments[max(self.segments)]
+        self.positions.append((self.read_seq, newest.no, newest.offset))
+        self.flusher._tried_seq = max(self.flusher._tried_seq, self.read_seq)
+        self.flusher.interrupted_rows += len(owed)
+        self.flusher._wake.set()
+        log.info("ledger: journal %s owes %d interrupted streams their last checkpoint",
+                 self.name, len(owed))
 
     def _take(self, frames: list[bytes]) -> int:
         pending = self.ledger.pending
@@ -194,6 +239,8 @@ class Tail:
             if _plain(f):
                 pending.append(f)
                 continue
+            if is_checkpoint(f):
+                continue  # never flushed while its worker lives; see _queue_owed
             try:
                 # Not CSV-ready (_plain agrees with ledger._csv_ready): typed.
                 row = UsageRecord.from_row(orjson.loads(memoryview(f)[HEADER_SIZE:]))
@@ -273,7 +320,7 @@ class Tail:
         """Delete the segments whose rows are all in Postgres: those before the last
         committed position's, and, once the worker is dead, every segment read to its
         end when nothing read is still waiting."""
-        if self.dead and not self.positions and not self.ledger.pending:
+        if self.dead and self.owed_queued and not self.positions and not self.ledger.pending:
             done = [n for n, seg in self.segments.items()
                     if seg.offset >= os.fstat(seg.fd).st_size]
         elif self.position is not None:

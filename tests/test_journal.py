@@ -4,6 +4,7 @@ real kill -9 of a worker process."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import signal
@@ -182,3 +183,168 @@ def test_a_restarted_worker_of_the_same_name_leaves_its_predecessors_rows_for_re
     assert replay(tmp_path) == rows  # the predecessor's rows, not mixed with ours
     alive.close(delete=True)
     assert replay(tmp_path) == rows
+
+
+# --- checkpoints of streams in flight -------------------------------------------------
+
+TS = 1_780_000_000.25  # one admission time for every stream of these tests
+
+
+def ck(uid: int, kid: int, rid: str, cost: int) -> tuple[object, ...]:
+    """A checkpoint row: the flat row the stream would settle with now."""
+    r = rec(uid, kid, cost, rid=rid, ts=TS)
+    r.usage_source = "interrupted"
+    return r.row()
+
+
+def checkpoints_in(paths: list[str]) -> list[jn.UsageRecord]:
+    out = []
+    for p in paths:
+        out += jn.parse_all(Path(p).read_bytes())[1]
+    return out
+
+
+def test_checkpoints_take_no_sequence_number_and_are_not_read_back_as_rows(tmp_path: Path) -> None:
+    j = Journal(tmp_path, name="t")
+    start = j.tail()
+    rows = []
+    for i in range(20):
+        r = rec(1, 1, i)
+        assert j.append(r)
+        rows.append(r)
+        j.checkpoint(f"live-{i}", jn.encode_checkpoint(ck(1, 1, f"live-{i}", i)))
+    assert j.seq == 20 and j._current.count == 20
+    got, cur = j.read(start, 7)  # a cut between rows, checkpoints between them
+    more, cur = j.read(cur, 100)
+    assert got + more == rows and cur == j.tail()
+    data = Path(j.paths[0]).read_bytes()
+    assert parse(data) == (rows, len(data), 0)
+    got_rows, cps, skipped = jn.parse_all(data)
+    assert got_rows == rows and skipped == 0
+    assert [c.request_id for c in cps] == [f"live-{i}" for i in range(20)]
+    assert {c.usage_source for c in cps} == {"interrupted"}
+    j.close(delete=True)
+
+
+def test_rotation_carries_each_live_streams_latest_checkpoint_into_the_new_segment(
+    tmp_path: Path,
+) -> None:
+    j = Journal(tmp_path, name="t", segment_bytes=4096)
+    j.checkpoint("a", jn.encode_checkpoint(ck(1, 1, "a", 10)))
+    j.checkpoint("b", jn.encode_checkpoint(ck(1, 1, "b", 5)))
+    j.checkpoint("a", jn.encode_checkpoint(ck(1, 1, "a", 20)))  # supersedes a's first
+    j.forget_checkpoint("b")  # b settles: its row follows
+    j.append(rec(1, 1, 500, rid="b", ts=TS))
+    for i in range(100):
+        j.append(rec(1, 1, i))
+    assert len(j.paths) > 3
+    for p in j.paths[1:]:  # every later segment opens with a's latest checkpoint alone
+        assert [(c.request_id, c.cost_nano) for c in checkpoints_in([p])] == [("a", 20)]
+    j.committed(j.seq)  # every row is in Postgres: the segments holding them go
+    assert len(j.paths) == 1
+    assert [(c.request_id, c.cost_nano) for c in checkpoints_in(j.paths)] == [("a", 20)]
+    j.close()  # the worker dies with `a` still streaming
+    (segs,) = list(jn.dead_journals(tmp_path))
+    owed = segs[0].records[:segs[0].interrupted]
+    assert [(r.request_id, r.cost_nano) for r in owed] == [("a", 20)]
+    for s in segs:
+        s.release(delete=False)
+
+
+def test_a_settled_row_supersedes_checkpoints_in_older_segments(tmp_path: Path) -> None:
+    j = Journal(tmp_path, name="t", segment_bytes=2048)
+    j.checkpoint("a", jn.encode_checkpoint(ck(1, 1, "a", 10)))
+    j.checkpoint("c", jn.encode_checkpoint(ck(1, 1, "c", 30)))
+    j.forget_checkpoint("a")
+    for i in range(30):  # a's row lands segments after its checkpoint
+        j.append(rec(1, 1, i))
+    j.append(rec(1, 1, 99, rid="a", ts=TS))
+    j.close()
+    (segs,) = list(jn.dead_journals(tmp_path))
+    assert len(segs) > 2
+    owed = segs[0].records[:segs[0].interrupted]
+    assert [(r.request_id, r.cost_nano) for r in owed] == [("c", 30)]
+    # Rows stay where they were, after what is owed.
+    assert [r.cost_nano for s in segs for r in s.records][1:] == [*range(30), 99]
+    for s in segs:
+        s.release(delete=False)
+
+
+def test_a_journal_partly_held_by_another_adopter_is_left_to_it(tmp_path: Path) -> None:
+    j = Journal(tmp_path, name="t", segment_bytes=2048)
+    for i in range(30):
+        j.append(rec(1, 1, i))
+    j.close()
+    other = os.open(j.paths[-1] if j.paths else sorted(tmp_path.iterdir())[-1], os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert list(jn.dead_journals(tmp_path)) == []  # whole or nothing
+    finally:
+        os.close(other)
+    (segs,) = list(jn.dead_journals(tmp_path))
+    assert [r.cost_nano for s in segs for r in s.records] == list(range(30))
+    for s in segs:
+        s.release(delete=False)
+
+
+async def test_a_dead_workers_interrupted_streams_are_charged_their_last_checkpoint_once(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    jdir = tmp_path / "journal"
+    uid, (kid,) = await make_account(pg, balance=10**10)
+    tag = uuid.uuid4().hex[:8]
+    x = [f"x-{tag}-{i}" for i in range(10)]  # cut by the crash
+    y = [f"y-{tag}-{i}" for i in range(5)]  # settled after checkpoints
+    z = f"z-{tag}"  # cut, but its row reached Postgres already (an earlier replay's commit)
+    j = Journal(jdir, name="w", segment_bytes=8192)
+    ledger = Ledger(j)
+    settled = []
+    for k in range(3):
+        for i, rid in enumerate(x):
+            ledger.checkpoint(ck(uid, kid, rid, (k + 1) * 100 + i))
+        for rid in y:
+            ledger.checkpoint(ck(uid, kid, rid, 7))
+        ledger.checkpoint(ck(uid, kid, z, 40))
+        for i in range(40):  # rotations between checkpoints
+            r = rec(uid, kid, 1000 + i)
+            ledger.record(r)
+            settled.append(r)
+    for rid in y:
+        ledger.forget_checkpoint(rid)
+        ledger.record(rec(uid, kid, 500, rid=rid, ts=TS))
+    assert len(j.paths) > 2
+    await write_batch_once(pg, ck(uid, kid, z, 40))
+    j.close()  # the worker dies; no flusher ever ran
+    backup = tmp_path / "backup"
+    shutil.copytree(jdir, backup)
+
+    def charged() -> int:
+        return sum(r.cost_nano for r in settled) + 500 * len(y) + sum(300 + i for i in range(10)) + 40
+
+    for attempt in range(2):  # the second time: the same files again, nothing changes
+        if attempt:
+            for p in backup.iterdir():
+                shutil.copy(p, jdir / p.name)
+        flusher = Flusher(Ledger(Journal(jdir)), pg_dsn, flush_interval_ms=10, flush_rows=500)
+        flusher.start()
+        assert flusher.interrupted_rows == len(x) + 1
+        assert await flusher.stop(timeout=30)
+        assert flusher.flushed_rows == (0 if attempt else len(settled) + len(y) + len(x))
+        assert [p for p in os.listdir(jdir) if p.endswith(jn.SUFFIX)] == []
+        assert await balance(pg, uid) == 10**10 - charged()
+    got = {r["request_id"]: (r["c"], r["cost"], r["src"]) for r in await pg.fetch(
+        "SELECT request_id, count(*) AS c, sum(cost_nano) AS cost, max(usage_source) AS src"
+        " FROM usage_log WHERE user_id = $1 GROUP BY request_id", uid)}
+    assert len(got) == len(settled) + len(x) + len(y) + 1
+    for i, rid in enumerate(x):
+        assert got[rid] == (1, 300 + i, "interrupted")
+    for rid in y:
+        assert got[rid] == (1, 500, "upstream")
+    assert got[z] == (1, 40, "interrupted")
+
+
+async def write_batch_once(pg: asyncpg.Connection, row: tuple[object, ...]) -> None:
+    from accounting.ledger import prepare, write_batch
+    await prepare(pg)
+    res = await write_batch(pg, [row])
+    assert res.inserted == 1

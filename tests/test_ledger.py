@@ -753,3 +753,69 @@ async def test_a_deferred_row_orjson_cannot_encode_stays_a_record_and_the_rest_a
     assert len(jn.parse(read_file(journal.paths[0]))[0]) == 5
     ledger.defer_writes(None)
     journal.close(delete=True)
+
+
+async def test_checkpoints_never_reach_postgres_while_their_writer_lives(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A live stream's checkpoint stays in the journal only, across flushes, rotations
+    and deleted segments; stopped with the stream still live, the journal is kept, and
+    the next start charges the checkpoint once."""
+    uid, (kid,) = await make_account(pg, balance=10**12)
+    rid = f"live-{uuid.uuid4().hex}"
+    ts = time.time()
+
+    def ck(cost: int) -> tuple[object, ...]:
+        r = rec(uid, kid, cost, rid=rid, ts=ts)
+        r.usage_source = "interrupted"
+        return r.row()
+
+    journal = Journal(tmp_path, segment_bytes=4096)
+    ledger = Ledger(journal, flush_rows=50)
+    flusher = Flusher(ledger, pg_dsn, flush_interval_ms=10, flush_rows=50)
+    flusher.start()
+    for i in range(300):
+        if i % 50 == 0:
+            ledger.checkpoint(ck(100 + i))
+            # Deferred like rows: on disk at the end of this loop iteration.
+            assert journal._checkpoints
+            await asyncio.sleep(0)
+            assert not journal._checkpoints
+        ledger.record(rec(uid, kid, 10))
+        if i % 50 == 49:
+            await asyncio.sleep(0.02)  # several flushes
+    await until(lambda: ledger.backlog == 0 and flusher.flushed_rows == 300)
+    assert not any(isinstance(r, tuple) and r[1] == rid for r in ledger.pending)
+    assert await pg.fetchval("SELECT count(*) FROM usage_log WHERE request_id = $1", rid) == 0
+    assert flusher.interrupted_rows == 0 and flusher.deadletter_rows == 0
+    # Committed segments were deleted; the stream's latest checkpoint is in what is left.
+    assert len(os.listdir(tmp_path)) < 10
+    cps = [c for p in journal.paths for c in jn.parse_all(read_file(p))[1]]
+    assert cps and cps[-1].request_id == rid and cps[-1].cost_nano == 350
+
+    assert await flusher.stop(timeout=10)  # the stream never settled
+    assert [p for p in os.listdir(tmp_path) if p.endswith(jn.SUFFIX)]
+    assert await balance(pg, uid) == 10**12 - 3000
+    again = Flusher(Ledger(Journal(tmp_path)), pg_dsn, flush_interval_ms=10)
+    again.start()
+    assert again.interrupted_rows == 1
+    assert await again.stop(timeout=10)
+    assert await pg.fetchval("SELECT cost_nano FROM usage_log WHERE request_id = $1", rid) == 350
+    assert await balance(pg, uid) == 10**12 - 3000 - 350
+    assert [p for p in os.listdir(tmp_path) if p.endswith(jn.SUFFIX)] == []
+
+
+def test_checkpoint_without_a_journal_or_unencodable_is_a_no_op(tmp_path: Path) -> None:
+    Ledger(None).checkpoint(rec(1, 1, 1).row())
+    journal = Journal(tmp_path)
+    ledger = Ledger(journal)
+    bad = list(rec(1, 1, 1).row())
+    bad[5] = object()  # orjson cannot encode it
+    ledger.checkpoint(tuple(bad))
+    assert journal.live_checkpoints == 0 and ledger.pending == []
+    ledger.checkpoint(rec(1, 1, 1, rid="r").row())
+    assert journal.live_checkpoints == 1 and ledger.pending == [] and journal.seq == 0
+    ledger.forget_checkpoint("r")
+    ledger.forget_checkpoint("never-seen")
+    assert journal.live_checkpoints == 0
+    journal.close(delete=True)

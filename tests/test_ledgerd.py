@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 
+from accounting import journal as jn
 from accounting.journal import Journal, encode, replay
-from accounting.ledger import Ledger, _csv_ready
+from accounting.ledger import Ledger, _csv_ready, write_batch
+from accounting.ledger import prepare as prepare_stage
 from accounting.ledgerd import LedgerDaemon, LedgerLink, _plain
 from relay.config import LedgerConfig
 from relay.metrics import Metrics, ledger_families
-from tests.test_ledger import balance, make_account, rec, spent, until
+from tests.test_ledger import balance, make_account, read_file, rec, spent, until
 
 SETTINGS = LedgerConfig(flush_interval_ms=20, flush_rows=500, process=True)
 
@@ -283,3 +287,61 @@ async def test_a_second_ledger_process_waits_for_the_first_to_exit(
     await until(lambda: not second.journals_left(), 20)
     assert await logged(pg, uid) == 20 and await balance(pg, uid) == 10**12 - 220
     assert await second.stop()
+
+
+async def test_the_ledger_process_skips_live_checkpoints_and_charges_a_dead_workers_last_ones(
+    pg: asyncpg.Connection, pg_dsn: str, tmp_path: Path
+) -> None:
+    """While the worker lives its checkpoints are skipped (never flushed, never counted
+    as corrupt), across rotations and the segments deleted after commits. Once it is
+    dead, each stream it never settled is charged its last checkpoint, once, even when
+    that row reached Postgres before (a previous life of this process)."""
+    uid, (kid,) = await make_account(pg, balance=10**12)
+    tag = uuid.uuid4().hex[:8]
+    a, b, c = f"a-{tag}", f"b-{tag}", f"c-{tag}"
+    ts = time.time()
+
+    def ck(rid: str, cost: int) -> tuple[object, ...]:
+        r = rec(uid, kid, cost, rid=rid, ts=ts)
+        r.usage_source = "interrupted"
+        return r.row()
+
+    journal = Journal(tmp_path, name="w9", segment_bytes=16 << 10)
+    ledger = Ledger(journal, keep=False)
+    daemon = LedgerDaemon(str(tmp_path), pg_dsn, SETTINGS)
+    await daemon.start()
+    reports = Reports()
+    link = LedgerLink(str(tmp_path), journal.name, reports.begin, reports.on_done)
+    assert link.connect()
+    for k in range(5):
+        for rid, base in ((a, 100), (b, 200), (c, 300)):
+            ledger.checkpoint(ck(rid, base + k))
+        for _ in range(60):
+            ledger.record(rec(uid, kid, 10))
+        await asyncio.sleep(0.03)
+    ledger.forget_checkpoint(b)
+    ledger.record(rec(uid, kid, 999, rid=b, ts=ts))
+    await until(lambda: reports.user_sum(uid) == 300 * 10 + 999, 20)
+    assert await logged(pg, uid) == 301
+    tail = daemon.tails["w9"]
+    assert tail.skipped_frames == 0 and tail.flusher.interrupted_rows == 0
+    last = reports.done[-1]
+    journal.committed_through(last["s"], last["o"])
+    left = [cp for p in journal.paths
+            for cp in jn.parse_all(read_file(p))[1]]
+    assert {(cp.request_id, cp.cost_nano) for cp in left} >= {(a, 104), (c, 304)}
+    # c's row is in Postgres already: a previous life of this process committed it.
+    await prepare_stage(pg)
+    assert (await write_batch(pg, [ck(c, 304)])).inserted == 1
+
+    link.close()
+    journal.close()  # the worker dies with a and c still streaming
+    await until(lambda: not daemon.tails, 20)
+    got = {r["request_id"]: (r["n"], r["cost"]) for r in await pg.fetch(
+        "SELECT request_id, count(*) AS n, sum(cost_nano) AS cost FROM usage_log"
+        " WHERE request_id = ANY($1::text[]) GROUP BY request_id", [a, b, c])}
+    assert got == {a: (1, 104), b: (1, 999), c: (1, 304)}
+    assert await balance(pg, uid) == 10**12 - 3000 - 999 - 104 - 304
+    assert daemon.stats()["interrupted_rows_total"] == 2
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".wal")] == []
+    assert await daemon.stop(timeout=10)
