@@ -154,7 +154,7 @@ class Plan:
     cache_read_input_tokens = cached and cache_creation_input_tokens = cache_write.
     """
 
-    __slots__ = ("cache_write", "cached", "deltas", "input_tokens", "model", "no_usage",
+    __slots__ = ("cache_write", "cached", "custom_tool", "deltas", "input_tokens", "model", "no_usage",
                  "output_tokens", "reasoning", "stream", "tool", "truncated")
 
     def __init__(self, body: dict[str, Any], opts: Options, limit_key: str) -> None:
@@ -168,7 +168,9 @@ class Plan:
         self.input_tokens = n_in
         self.cached = min(opts.cached_tokens, n_in)
         self.cache_write = min(opts.cache_write_tokens, n_in - self.cached)
-        self.tool = _pick_tool(body, opts)
+        picked = _pick_tool(body, opts)
+        self.tool = picked[:2] if picked is not None else None
+        self.custom_tool = picked is not None and picked[2]  # a freeform call: raw input, no JSON
         if self.tool is not None:
             self.deltas = _split(self.tool[1], max(1, opts.chunks))
         else:
@@ -244,33 +246,61 @@ def _split(s: str, n: int) -> list[str]:
     return out
 
 
-def _pick_tool(body: dict[str, Any], opts: Options) -> tuple[str, str] | None:
-    """(name, arguments JSON) of the first tool, when the request asks for a tool call."""
+def _pick_tool(body: dict[str, Any], opts: Options) -> tuple[str, str, bool] | None:
+    """(name, arguments JSON or a custom tool's raw input, custom?) of the tool to call, when
+    the request asks for a tool call.
+
+    Like a model told what to do: "use the tool NAME" picks the tool of that name (else the
+    first tool), and the lines after that phrase, if any, are the input it dictates: a
+    custom (freeform) tool gets them verbatim, a function tool with one string parameter
+    gets them as that parameter. Otherwise the arguments are placeholders of the right
+    types, and a custom tool's input is "hello".
+    """
     tools = body.get("tools")
     if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
         return None
-    if not opts.tool_call and b"use the tool" not in _last_user_text(body):
+    said = _last_user_text(body)
+    at = said.find("use the tool")
+    if not opts.tool_call and at < 0:
         return None
+    words = said[at + len("use the tool"):].split(None, 1) if at >= 0 else []
+    dictated = said[at:].partition("\n")[2] if at >= 0 else ""
     tool = tools[0]
+    for t in tools:
+        if words and isinstance(t, dict) and _tool_name(t) == words[0].rstrip(".,:;"):
+            tool = t
+            break
+    if tool.get("type") == "custom":
+        return _tool_name(tool) or "tool", dictated or "hello", True
     fn: dict[str, Any] = tool["function"] if isinstance(tool.get("function"), dict) else tool
     name = fn.get("name") or "tool"
     schema = fn.get("parameters") or fn.get("input_schema") or {}
     args: dict[str, Any] = {}
     props = schema.get("properties") if isinstance(schema, dict) else None
     if isinstance(props, dict):
+        if dictated and len(props) == 1 and (next(iter(props.values())) or {}).get("type") == "string":
+            return str(name), orjson.dumps({next(iter(props)): dictated}).decode(), False
         for key, prop in props.items():
             kind = prop.get("type") if isinstance(prop, dict) else None
             args[key] = {"integer": 1, "number": 1, "boolean": True, "array": [],
                          "object": {}}.get(kind, "hello") if isinstance(kind, str) else "hello"
-    return str(name), orjson.dumps(args).decode()
+    return str(name), orjson.dumps(args).decode(), False
 
 
-def _last_user_text(body: dict[str, Any]) -> bytes:
+def _tool_name(tool: dict[str, Any]) -> Any:
+    """A tool's name in any of the shapes: chat function/custom, Responses, Anthropic."""
+    for nested in ("function", "custom"):
+        if isinstance(tool.get(nested), dict):
+            return tool[nested].get("name")
+    return tool.get("name")
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
     items = body.get("messages")
     if items is None:
         items = body.get("input")
     if isinstance(items, str):
-        return items.encode()
+        return items
     if isinstance(items, list):
         # The newest turn decides, skipping system/developer notes: when it is a tool
         # result (role "tool", a function_call_output item, or a user turn carrying
@@ -280,13 +310,16 @@ def _last_user_text(body: dict[str, Any]) -> bytes:
             if not isinstance(item, dict) or item.get("role") in ("system", "developer"):
                 continue
             if item.get("role") != "user":
-                return b""
+                return ""
             content = item.get("content")
-            if isinstance(content, list) and any(
-                    isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
-                return b""
-            return orjson.dumps(content)
-    return b""
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                if any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
+                    return ""
+                return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+            return ""
+    return ""
 
 
 # --- SSE -------------------------------------------------------------------------------------
@@ -314,10 +347,12 @@ def chat(body: dict[str, Any], plan: Plan) -> list[bytes]:
     call_id = "call_" + new_id()
     if not plan.stream:
         if plan.tool:
+            call: dict[str, Any] = (
+                {"id": call_id, "type": "custom", "custom": {"name": plan.tool[0], "input": plan.text}}
+                if plan.custom_tool else
+                {"id": call_id, "type": "function", "function": {"name": plan.tool[0], "arguments": plan.text}})
             message: dict[str, Any] = {
-                "role": "assistant", "content": None,
-                "tool_calls": [{"id": call_id, "type": "function",
-                                "function": {"name": plan.tool[0], "arguments": plan.text}}],
+                "role": "assistant", "content": None, "tool_calls": [call],
                 "refusal": None, "annotations": [],
             }
         else:
@@ -347,7 +382,14 @@ def chat(body: dict[str, Any], plan: Plan) -> list[bytes]:
                             "finish_reason": finish_reason}]
         return sse_data(dumps(base))
 
-    if plan.tool:
+    if plan.tool and plan.custom_tool:
+        # The shape OpenAI streams custom tool calls in (not yet in its published chunk schema).
+        events = [chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": call_id, "type": "custom",
+             "custom": {"name": plan.tool[0], "input": ""}}], "refusal": None})]
+        events += [chunk({"tool_calls": [{"index": 0, "custom": {"input": d}}]})
+                   for d in plan.deltas]
+    elif plan.tool:
         events = [chunk({"role": "assistant", "content": None, "tool_calls": [
             {"index": 0, "id": call_id, "type": "function",
              "function": {"name": plan.tool[0], "arguments": ""}}], "refusal": None})]
@@ -430,11 +472,16 @@ def responses(body: dict[str, Any], plan: Plan) -> list[bytes]:
         "usage": None, "user": None, "metadata": body.get("metadata") or {},
     }
     final_status = "incomplete" if plan.truncated else "completed"
-    if plan.tool:
-        item_id = "fc_" + new_id()
-        done_item: dict[str, Any] = {"id": item_id, "type": "function_call",
-                                     "status": "completed", "arguments": plan.text,
+    if plan.tool and plan.custom_tool:
+        item_id = "ctc_" + new_id()
+        done_item: dict[str, Any] = {"id": item_id, "type": "custom_tool_call",
+                                     "status": "completed", "input": plan.text,
                                      "call_id": "call_" + new_id(), "name": plan.tool[0]}
+    elif plan.tool:
+        item_id = "fc_" + new_id()
+        done_item = {"id": item_id, "type": "function_call",
+                     "status": "completed", "arguments": plan.text,
+                     "call_id": "call_" + new_id(), "name": plan.tool[0]}
     else:
         item_id = "msg_" + new_id()
         done_item = {"id": item_id, "type": "message", "status": "completed",
@@ -471,7 +518,15 @@ def responses(body: dict[str, Any], plan: Plan) -> list[bytes]:
 
     ev("response.created", {"response": resp})
     ev("response.in_progress", {"response": resp})
-    if plan.tool:
+    if plan.tool and plan.custom_tool:
+        ev("response.output_item.added", {"output_index": 0, "item": {
+            **done_item, "status": "in_progress", "input": ""}})
+        for d in plan.deltas:
+            ev("response.custom_tool_call_input.delta",
+               {"item_id": item_id, "output_index": 0, "delta": d})
+        ev("response.custom_tool_call_input.done",
+           {"item_id": item_id, "output_index": 0, "input": plan.text})
+    elif plan.tool:
         ev("response.output_item.added", {"output_index": 0, "item": {
             **done_item, "status": "in_progress", "arguments": ""}})
         for d in plan.deltas:

@@ -29,7 +29,9 @@ headers (the body wins); the bodies themselves are rendered by `bench.mock_shape
                         a stream cleanly with the provider's in-stream error event (a 500
                         error body when not streaming)
   tool_call (false)     call the request's first tool (also when the last user message
-                        says "use the tool")
+                        says "use the tool"; "use the tool NAME" calls that one, and the
+                        lines after the phrase are its input, verbatim for a custom tool:
+                        see `mock_shapes._pick_tool`)
   no_usage (false)      omit usage everywhere
 max_tokens / max_completion_tokens / max_output_tokens cut the output: finish_reason
 "length", stop_reason "max_tokens", Responses status "incomplete", and the output tokens

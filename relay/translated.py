@@ -26,7 +26,7 @@ from relay.translate import errors as te
 from relay.translate import responses as rs
 from relay.translate import stream_chat_anthropic as sca
 from relay.translate import stream_responses as sr
-from relay.translate.common import TranslationError
+from relay.translate.common import TranslationError, custom_tool_names
 from relay.upstream import HOP_BY_HOP
 
 JSON = dict[str, Any]
@@ -59,7 +59,7 @@ class Plan:
     upstream_path: bytes
     upstream_protocol: str
     request: Callable[[JSON, str], JSON]
-    response: Callable[[JSON, str], JSON]
+    response: Callable[[JSON, str, JSON], JSON]  # (upstream body, client's model, client's request)
     stream: Callable[[str, JSON], _Feed]
     error: Callable[[int, bytes], bytes]
     upstream_usage: Callable[[JSON], Usage | None]
@@ -68,7 +68,7 @@ class Plan:
 def _chat_from_anthropic_stream(model: str, body: JSON) -> _Feed:
     so = body.get("stream_options")
     include = type(so) is dict and so.get("include_usage") is True
-    return _Feed(sca.AnthropicToOpenAIChatStream(model, include), True)
+    return _Feed(sca.AnthropicToOpenAIChatStream(model, include, custom_tools=custom_tool_names(body)), True)
 
 
 def _anthropic_chat_request(body: JSON, upstream_model: str) -> JSON:
@@ -79,24 +79,25 @@ PLANS: dict[tuple[str, str], Plan] = {
     # OpenAI chat client -> Anthropic channel
     ("chat", "anthropic"): Plan(
         b"/v1/messages", "anthropic", ca.openai_chat_to_anthropic_request,
-        ca.anthropic_response_to_openai_chat, _chat_from_anthropic_stream,
+        lambda r, m, b: ca.anthropic_response_to_openai_chat(r, m, custom_tools=custom_tool_names(b)),
+        _chat_from_anthropic_stream,
         te.anthropic_error_to_openai, usage_mod.from_anthropic_body),
     # Anthropic messages client -> OpenAI channel
     ("messages", "openai"): Plan(
         b"/chat/completions", "openai", _anthropic_chat_request,
-        ca.openai_chat_response_to_anthropic,
+        lambda r, m, _b: ca.openai_chat_response_to_anthropic(r, m),
         lambda model, _b: _Feed(sca.OpenAIChatToAnthropicStream(model), False),
         te.openai_error_to_anthropic, usage_mod.from_openai_body),
     # Responses client -> Anthropic channel
     ("responses", "anthropic"): Plan(
         b"/v1/messages", "anthropic", rs.responses_to_anthropic_request,
-        rs.anthropic_response_to_responses,
-        lambda model, _b: _Feed(sr.AnthropicToResponsesStream(model), True),
+        lambda r, m, b: rs.anthropic_response_to_responses(r, m, custom_tools=custom_tool_names(b)),
+        lambda model, b: _Feed(sr.AnthropicToResponsesStream(model, custom_tools=custom_tool_names(b)), True),
         te.anthropic_error_to_openai, usage_mod.from_anthropic_body),
     # Responses client -> OpenAI channel that only speaks chat completions
     ("responses", "openai-chat"): Plan(
         b"/chat/completions", "openai", rs.responses_to_openai_chat_request,
-        rs.openai_chat_response_to_responses,
+        lambda r, m, _b: rs.openai_chat_response_to_responses(r, m),
         lambda model, _b: _Feed(sr.OpenAIChatToResponsesStream(model), False),
         lambda _s, body: body, usage_mod.from_openai_body),
 }
@@ -191,7 +192,7 @@ class TranslatingExchange(Exchange):
             else:
                 try:
                     obj = orjson.loads(raw)
-                    body = orjson.dumps(self.plan.response(obj, self.client_model))
+                    body = orjson.dumps(self.plan.response(obj, self.client_model, self.req_body))
                 except (orjson.JSONDecodeError, TranslationError, ValueError, KeyError, TypeError) as exc:
                     self.error = E.UpstreamError(f"Upstream sent a response that cannot be translated: {exc}")
                     self._finish()

@@ -296,6 +296,49 @@ async def test_responses_function_call_and_limit(oai: openai.AsyncOpenAI):
     assert cut.usage.output_tokens == 16 and cut.output_text == "hello " * 16
 
 
+async def test_named_tool_with_dictated_input(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic):
+    """"use the tool NAME" calls that tool; the lines after the phrase are its input, verbatim
+    for a custom (freeform) tool, as the one string parameter of a function tool."""
+    patch = '*** Begin Patch\n*** Add File: a.txt\n+"hi"\n*** End Patch\n'
+    prompt = "please use the tool apply_patch:\n" + patch
+    custom = {"type": "custom", "name": "apply_patch", "format": {"type": "text"}}
+    tools: Any = [{"type": "function", "name": "lookup",
+                   "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}, custom]
+    done = await oai.responses.create(model="gpt-4o-mini", input=prompt, tools=tools)
+    item = done.output[0]
+    assert item.type == "custom_tool_call" and (item.name, item.input) == ("apply_patch", patch)
+    stream = await oai.responses.create(model="gpt-4o-mini", input=prompt, tools=tools, stream=True)
+    deltas, final_input = "", None
+    async for event in stream:
+        if event.type == "response.custom_tool_call_input.delta":
+            deltas += event.delta
+        elif event.type == "response.custom_tool_call_input.done":
+            final_input = event.input
+    assert deltas == final_input == patch
+    chat_tools: Any = [{"type": "custom", "custom": {"name": "apply_patch"}}]
+    chat = await oai.chat.completions.create(model="gpt-4o-mini", tools=chat_tools,
+                                             messages=[{"role": "user", "content": prompt}])
+    call: Any = chat.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.type == "custom" and (call.custom.name, call.custom.input) == ("apply_patch", patch)
+    chunks = await oai.chat.completions.create(model="gpt-4o-mini", tools=chat_tools, stream=True,
+                                               messages=[{"role": "user", "content": prompt}])
+    streamed = ""
+    async for chunk in chunks:
+        for tc in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            streamed += (tc.model_extra or {}).get("custom", {}).get("input", "")
+    assert streamed == patch
+    # A function tool with one string parameter gets the dictated text in it.
+    one = await oai.responses.create(model="gpt-4o-mini", input="use the tool lookup\nwhat is 2+2",
+                                     tools=tools)
+    assert one.output[0].type == "function_call"
+    assert orjson.loads(one.output[0].arguments) == {"q": "what is 2+2"}
+    msg = await ant.messages.create(model="claude-sonnet-4-6", max_tokens=50, tools=[
+        {"name": "apply_patch", "input_schema": {"type": "object", "properties": {"input": {"type": "string"}}}}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": prompt}]}])
+    block = msg.content[0]
+    assert block.type == "tool_use" and block.input == {"input": patch}
+
+
 async def test_embeddings_float_and_base64(oai: openai.AsyncOpenAI, mock: MockServer,
                                            http: aiohttp.ClientSession):
     floats = await oai.embeddings.create(model="text-embedding-3-small", input=["a", "bb"],

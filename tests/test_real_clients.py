@@ -1,15 +1,19 @@
 """The real Claude Code and Codex CLI binaries, run headless against a real gateway and the mock.
 
-Opt-in: these tests need the two npm packages installed somewhere (see bench/clients/README.md)
-and TOLLWAY_CLIENTS_DIR pointing at the directory holding the `claude` and `codex`
-executables (for an `npm install --prefix DIR` that is DIR/node_modules/.bin). Without it,
-or without a binary, they skip, so CI never depends on them. Each client runs in a fresh
-HOME / CODEX_HOME with telemetry and auto-update off; nothing leaves 127.0.0.1.
+The binaries come from npm (see bench/clients/README.md; `.ci/run` installs Codex CLI):
+TOLLWAY_CLIENTS_DIR names the directory holding the `claude` and `codex` executables (for
+an `npm install --prefix DIR` that is DIR/node_modules/.bin), else they are looked up on
+PATH. A test whose binary is absent skips. Each client runs in a fresh HOME / CODEX_HOME
+with telemetry and auto-update off; nothing leaves 127.0.0.1.
 
 What they prove: each client completes a turn through the gateway, the gateway bills
 exactly the usage the client itself reports, and a tool call requested by the upstream
 makes the full round trip (the client runs or refuses the tool and the result reaches the
 upstream in that protocol's shape), natively and across the protocol translation.
+
+Codex's `apply_patch` turn (a custom, freeform tool) runs through each translated path
+twice: driven by the openai SDK shaped exactly as Codex sends it (always), and by the real
+Codex CLI, which must then find the file its patch created (when the binary is present).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import openai
 import orjson
 import pytest
 
@@ -31,16 +36,15 @@ from tests.gateway import Harness
 CLIENTS_DIR = os.environ.get("TOLLWAY_CLIENTS_DIR", "")
 RUN_TIMEOUT_S = 50.0
 
-pytestmark = [
-    pytest.mark.skipif(not CLIENTS_DIR, reason="TOLLWAY_CLIENTS_DIR is not set (see bench/clients/README.md)"),
-    pytest.mark.timeout(60),
-]
+pytestmark = [pytest.mark.timeout(60)]
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name, path=os.pathsep.join([CLIENTS_DIR, os.environ.get("PATH", "")]))
+    dirs = [d for d in (CLIENTS_DIR, os.environ.get("PATH", "")) if d]
+    found = shutil.which(name, path=os.pathsep.join(dirs))
     if found is None:
-        pytest.skip(f"{name} is not in TOLLWAY_CLIENTS_DIR ({CLIENTS_DIR}) nor on PATH")
+        pytest.skip(f"{name} is not in TOLLWAY_CLIENTS_DIR ({CLIENTS_DIR or 'unset'}) nor on PATH "
+                    "(see bench/clients/README.md)")
     return found
 
 
@@ -255,7 +259,8 @@ stream_max_retries = 0
 """
 
 
-async def _codex(codex: str, h: Harness, secret: str, tmp_path: Path, prompt: str) -> list[dict[str, Any]]:
+async def _codex(codex: str, h: Harness, secret: str, tmp_path: Path, prompt: str,
+                 *extra: str) -> list[dict[str, Any]]:
     home = tmp_path / "home"
     codex_home = tmp_path / "codex"
     work = tmp_path / "work"
@@ -263,7 +268,7 @@ async def _codex(codex: str, h: Harness, secret: str, tmp_path: Path, prompt: st
         d.mkdir(exist_ok=True)
     (codex_home / "config.toml").write_text(CODEX_CONFIG.format(url=h.url))
     env = {**_base_env(home), "CODEX_HOME": str(codex_home), "TOLLWAY_API_KEY": secret}
-    argv = [codex, "exec", "--skip-git-repo-check", "--json", prompt]
+    argv = [codex, "exec", "--skip-git-repo-check", "--json", *extra, prompt]
     code, out, err = await _run(argv, env, work)
     events = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert events, f"codex printed no events (exit {code}): {err[-2000:]}"
@@ -337,3 +342,156 @@ async def test_codex_tool_loop_stops_at_key_cap(codex: str, native: Harness, tmp
     user_id, key_id, _ = await _codex_tool_loop(codex, native, tmp_path, "1")
     _, spent = await _money(native, user_id, key_id)
     assert spent <= parse_usd("1")
+
+
+# --- Codex's apply_patch across the translation ----------------------------------------------
+#
+# Codex declares apply_patch as a custom (freeform) tool with a Lark grammar and expects the
+# call back as a custom_tool_call holding the raw patch. The mock, told "use the tool
+# apply_patch" followed by a patch, calls that tool with that patch, in its own protocol: a
+# custom tool call on chat completions, a tool_use with the one string property the gateway
+# gave the tool on Anthropic.
+
+APPLY_PATCH_LARK = (  # as Codex CLI 0.171.0 sends it
+    'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF\nend_patch: "*** End Patch" LF?\n\n'
+    'hunk: add_hunk | delete_hunk | update_hunk\nadd_hunk: "*** Add File: " filename LF add_line+\n'
+    'delete_hunk: "*** Delete File: " filename LF\n'
+    'update_hunk: "*** Update File: " filename LF change_move? change?\n\nfilename: /(.+)/\n'
+    'add_line: "+" /(.*)/ LF -> line\n\nchange_move: "*** Move to: " filename LF\n'
+    'change: (change_context | change_line)+ eof_line?\nchange_context: ("@@" | "@@ " /(.+)/) LF\n'
+    'change_line: ("+" | "-" | " ") /(.*)/ LF\neof_line: "*** End of File" LF\n\n%import common.LF\n'
+)
+CODEX_TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "name": "exec_command", "description": "Runs a command in a PTY.", "strict": False,
+     "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"],
+                    "additionalProperties": False}},
+    {"type": "custom", "name": "apply_patch",
+     "description": "The `apply_patch` tool can be used to edit files. This is a FREEFORM tool, so do not "
+                    "wrap the patch in JSON.",
+     "format": {"type": "grammar", "syntax": "lark", "definition": APPLY_PATCH_LARK}},
+    {"type": "web_search"},
+]
+NEW_FILE = 'hello from "the gateway" \u00e9\\n\n'
+PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+" + NEW_FILE + "*** End Patch\n"
+PATCH_PROMPT = "please use the tool apply_patch\n" + PATCH
+PATCH_OUTPUT = "Exit code: 0\nWall time: 0.1 seconds\nOutput:\nSuccess. Updated the following files:\nA hello.txt\n"
+
+
+def _openai_chat_only(models: list[str]) -> list[dict[str, Any]]:
+    return [{"name": "only-chat", "protocol": "openai", "base_url": "http://127.0.0.1:{port}/v1",
+             "api_key_env": "TOLLWAY_TEST_UPSTREAM_KEY", "models": models, "responses_api": False}]
+
+
+TRANSLATED_CHANNELS = {"anthropic": _anthropic_only(["*"]), "chat": _openai_chat_only(["*"])}
+
+
+@pytest.fixture(params=sorted(TRANSLATED_CHANNELS))
+async def translated(request: pytest.FixtureRequest, pg_dsn: str):
+    """Only a channel that needs translation for a Responses client: Anthropic, or an OpenAI
+    channel that has chat completions only."""
+    h = await Harness().start(pg_dsn, channels=TRANSLATED_CHANNELS[request.param])
+    yield h
+    await h.stop()
+
+
+async def _responses_turn(client: openai.AsyncOpenAI, items: list[dict[str, Any]], stream: bool) -> Any:
+    """One request shaped as Codex shapes it; the final Response (checked event by event when streamed)."""
+    kwargs: dict[str, Any] = {
+        "model": "gpt-5.5", "instructions": "You are Codex, a coding agent.", "input": items,
+        "tools": CODEX_TOOLS, "tool_choice": "auto", "parallel_tool_calls": True, "store": False,
+        "reasoning": {"effort": "medium"}, "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "01a2452c-9b0d-7551-ad2a-54b8240afe99",
+    }
+    if not stream:
+        return await client.responses.create(**kwargs)
+    final, deltas, done, added = None, "", None, []
+    async for event in await client.responses.create(stream=True, **kwargs):
+        if event.type == "response.output_item.added":
+            added.append(event.item.type)
+        elif event.type == "response.custom_tool_call_input.delta":
+            deltas += event.delta
+        elif event.type == "response.custom_tool_call_input.done":
+            done = event.input
+        elif event.type == "response.completed":
+            final = event.response
+    assert final is not None
+    calls = [o for o in final.output if o.type == "custom_tool_call"]
+    if calls:
+        assert added.count("custom_tool_call") == 1 and deltas == done == calls[0].input
+    return final
+
+
+def _upstream_saw_the_call(h: Harness, call_id: str) -> None:
+    """The second upstream request carries the call and its output in the channel's own shape."""
+    stats = h.mock.stats
+    body = stats.last_body
+    if stats.last_route == "/v1/messages":
+        tool = next(t for t in body["tools"] if t["name"] == "apply_patch")
+        assert tool["input_schema"]["properties"] == {"input": {"type": "string", "description": tool[
+            "input_schema"]["properties"]["input"]["description"]}}
+        assert APPLY_PATCH_LARK in tool["description"]
+        assert body["messages"][-2:] == [
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": call_id, "name": "apply_patch", "input": {"input": PATCH}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": PATCH_OUTPUT}]},
+        ]
+    else:
+        assert stats.last_route == "/v1/chat/completions"
+        assert {"type": "custom", "custom": {
+            "name": "apply_patch", "description": CODEX_TOOLS[1]["description"],
+            "format": {"type": "grammar", "grammar": {"syntax": "lark", "definition": APPLY_PATCH_LARK}}},
+        } in body["tools"]
+        assert body["messages"][-2:] == [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "custom", "custom": {"name": "apply_patch", "input": PATCH}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": PATCH_OUTPUT},
+        ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_codex_apply_patch_turn_sdk(translated: Harness, stream: bool) -> None:
+    """Codex's apply_patch turn, driven by the openai SDK exactly as Codex shapes it: the call
+    comes back as a custom_tool_call holding the raw patch, and the patch's output goes
+    upstream as the result of that same call."""
+    user_id, key_id, secret = await translated.user_and_key()
+    async with openai.AsyncOpenAI(base_url=translated.url + "/v1", api_key=secret, max_retries=0) as client:
+        prompt = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": PATCH_PROMPT}]}
+        first = await _responses_turn(client, [prompt], stream)
+        calls = [o for o in first.output if o.type == "custom_tool_call"]
+        assert [(c.name, c.input) for c in calls] == [("apply_patch", PATCH)], first.output
+        call = calls[0]
+        second = await _responses_turn(client, [
+            prompt,
+            {"type": "custom_tool_call", "id": call.id, "status": "completed", "call_id": call.call_id,
+             "name": call.name, "input": call.input},
+            {"type": "custom_tool_call_output", "call_id": call.call_id, "output": PATCH_OUTPUT},
+        ], stream)
+    assert second.status == "completed" and second.output_text.startswith("hello")
+    _upstream_saw_the_call(translated, call.call_id)
+    rows = await _rows(translated, key_id)
+    assert [(r["route"], r["status"], r["stream"]) for r in rows] == [("responses", 200, stream)] * 2
+    await _assert_billed(translated, user_id, key_id, rows)
+
+
+async def test_codex_apply_patch_turn_translated(codex: str, translated: Harness, tmp_path: Path) -> None:
+    """The real Codex CLI: the mock asks for apply_patch through the translation, Codex runs
+    the patch (the file appears with the patch's text) and sends its output back."""
+    user_id, key_id, secret = await translated.user_and_key()
+    events = await _codex(codex, translated, secret, tmp_path, PATCH_PROMPT, "--sandbox", "workspace-write")
+    assert events[-1]["type"] == "turn.completed", events
+    changes = [e["item"] for e in events if e["type"] == "item.completed" and e["item"]["type"] == "file_change"]
+    assert [c["status"] for c in changes] == ["completed"], events
+    assert (tmp_path / "work" / "hello.txt").read_text() == NEW_FILE
+    items = translated.mock.stats.last_body
+    answered = items["messages"][-1]
+    if answered["role"] == "user":  # Anthropic: the tool_result block
+        result = answered["content"][0]
+        assert result["type"] == "tool_result" and "Success" in result["content"], answered
+    else:  # chat: the tool message
+        assert answered["role"] == "tool" and "Success" in answered["content"], answered
+    rows = await _rows(translated, key_id)
+    assert [(r["route"], r["status"]) for r in rows] == [("responses", 200)] * 2
+    usage = events[-1]["usage"]
+    billed = (sum(r["input_tokens"] for r in rows), sum(r["output_tokens"] for r in rows))
+    assert billed == (usage["input_tokens"], usage["output_tokens"])
+    await _assert_billed(translated, user_id, key_id, rows)

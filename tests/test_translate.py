@@ -289,7 +289,8 @@ def test_prefill_trailing_whitespace_is_trimmed_and_input_not_mutated() -> None:
      "messages[0].tool_calls[0].function.arguments"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"messages": "nope"}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0]"),
+    # Custom tools translate (tests/test_translate_custom_tools.py); an unknown tool type does not.
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "computer", "computer": {}}]}, "tools[0]"),
 ])
 def test_untranslatable_requests_raise_with_param(body: dict[str, Any], param: str) -> None:
     with pytest.raises(TranslationError) as exc:

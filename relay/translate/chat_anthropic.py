@@ -26,6 +26,10 @@ Choices made where the protocols disagree (OpenAI client -> Anthropic upstream):
   the turn continues a tool call, because OpenAI clients cannot send back the signed
   thinking block Anthropic then requires.
 - `user` -> `metadata.user_id`; `parallel_tool_calls: false` -> `disable_parallel_tool_use`.
+- custom (freeform) tools -> normal tools with one string property, `input`, the format and
+  grammar spelled out in the description; custom tool calls in history -> `tool_use` with
+  `{"input": <raw text>}`. Replies map back only for the names the request declared custom
+  (`custom_tools`), since a `tool_use` alone cannot say which kind of tool it called.
 - Anthropic rejects unknown fields, so only the fields above (and `top_k`) are forwarded.
   Dropped: frequency_penalty, presence_penalty, logit_bias, logprobs, top_logprobs, seed,
   n (n > 1 is an error), response_format, stream_options, store, metadata, service_tier,
@@ -40,6 +44,7 @@ are an error; thinking blocks in history are dropped.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 from accounting.records import Usage
@@ -176,6 +181,11 @@ def _assistant_blocks(msg: JSON, param: str) -> list[JSON]:
         raise TranslationError("content must be a string or a list of parts", f"{param}.content")
     for i, call in enumerate(msg.get("tool_calls") or ()):
         p = f"{param}.tool_calls[{i}]"
+        if call.get("type") == "custom":
+            custom = call.get("custom") or {}
+            blocks.append({"type": "tool_use", "id": call.get("id"), "name": custom.get("name"),
+                           "input": {CUSTOM_INPUT: custom.get("input") or ""}})
+            continue
         fn = call.get("function") or {}
         args = loads_object(fn.get("arguments"))
         if args is None:
@@ -215,9 +225,54 @@ def _append_turn(turns: list[JSON], role: str, blocks: list[JSON]) -> None:
         turns.append({"role": role, "content": blocks})
 
 
+# Anthropic has no freeform tools: a custom tool becomes a normal tool whose one string
+# property carries the raw text, with the format spelled out in the description (the model
+# cannot be held to a grammar there, so it is told). The tool_use comes back as a custom call
+# holding that string, for the names the request declared custom.
+CUSTOM_INPUT = "input"
+
+
+def _custom_schema() -> JSON:
+    return {
+        "type": "object",
+        "properties": {CUSTOM_INPUT: {"type": "string", "description": "The raw input text for the tool, exactly "
+                                      "as the tool's format requires."}},
+        "required": [CUSTOM_INPUT],
+        "additionalProperties": False,
+    }
+
+
+def _custom_tool_spec(custom: JSON) -> JSON:
+    notes = [custom["description"]] if custom.get("description") else []
+    notes.append(f"This is a freeform tool: call it with one argument, `{CUSTOM_INPUT}`, a string holding the "
+                 "raw input text (that string is the only JSON around it).")
+    fmt = custom.get("format") or {}
+    grammar = (fmt.get("grammar") or {}) if fmt.get("type") == "grammar" else {}
+    if grammar.get("definition"):
+        notes.append(f"The text in `{CUSTOM_INPUT}` must match this {grammar.get('syntax') or ''} grammar:\n"
+                     f"{grammar['definition']}")
+    return {"name": custom.get("name"), "description": "\n\n".join(notes), "input_schema": _custom_schema()}
+
+
+def custom_input_text(tool_input: Any) -> str:
+    """A custom tool's raw input from the `tool_use` input Anthropic returned: the `input`
+    string; when the model ignored the schema, what it wrote, as JSON (the client's parser
+    then reports it, as it would a malformed call)."""
+    if isinstance(tool_input, dict):
+        text = tool_input.get(CUSTOM_INPUT)
+        if isinstance(text, str):
+            return text
+        if not tool_input:
+            return ""
+    return dumps_str(tool_input)
+
+
 def _anthropic_tools(tools: list[JSON]) -> list[JSON]:
     out = []
     for i, tool in enumerate(tools):
+        if tool.get("type") == "custom":
+            out.append(_custom_tool_spec(tool.get("custom") or {}))
+            continue
         if tool.get("type", "function") != "function":
             raise TranslationError(f"tool type {tool.get('type')!r} is not supported", f"tools[{i}]")
         fn = tool.get("function") or {}
@@ -240,8 +295,8 @@ def _anthropic_tool_choice(choice: Any) -> JSON | None:
         return {"type": "none"}
     if choice == "required":
         return {"type": "any"}
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
+        name = (choice.get(choice["type"]) or {}).get("name")
         if name:
             return {"type": "tool", "name": name}
     raise TranslationError("unsupported tool_choice", "tool_choice")
@@ -371,8 +426,11 @@ def openai_chat_to_anthropic_request(body: JSON, upstream_model: str) -> JSON:
     return out
 
 
-def anthropic_response_to_openai_chat(resp: JSON, model: str, created: int | None = None) -> JSON:
-    """A non-stream Anthropic Message as an OpenAI chat.completion object."""
+def anthropic_response_to_openai_chat(
+    resp: JSON, model: str, created: int | None = None, *, custom_tools: Collection[str] = (),
+) -> JSON:
+    """A non-stream Anthropic Message as an OpenAI chat.completion object; `tool_use` blocks
+    of the request's `custom_tools` become custom tool calls."""
     texts: list[str] = []
     thinking: list[str] = []
     tool_calls: list[JSON] = []
@@ -382,6 +440,9 @@ def anthropic_response_to_openai_chat(resp: JSON, model: str, created: int | Non
             texts.append(block.get("text", ""))
         elif kind == "thinking":
             thinking.append(block.get("thinking", ""))
+        elif kind == "tool_use" and block.get("name") in custom_tools:
+            tool_calls.append({"id": block.get("id"), "type": "custom", "custom": {
+                "name": block.get("name"), "input": custom_input_text(block.get("input"))}})
         elif kind == "tool_use":
             tool_calls.append(
                 {

@@ -62,6 +62,27 @@ def dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def custom_tool_names(body: JSON) -> frozenset[str]:
+    """Names of the custom (freeform) tools a client request declares, Responses shape
+    (`{"type": "custom", "name": ...}`) or chat shape (`{"type": "custom", "custom": {...}}`).
+
+    An Anthropic channel has no custom tools: they travel as normal tools, and only these
+    names tell the reply's `tool_use` blocks that must go back as custom tool calls.
+    """
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return frozenset()
+    names = set()
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type") != "custom":
+            continue
+        spec = tool.get("custom")
+        name = spec.get("name") if isinstance(spec, dict) else tool.get("name")
+        if isinstance(name, str):
+            names.add(name)
+    return frozenset(names)
+
+
 def usage_from_openai(usage: JSON) -> Usage:
     """OpenAI usage (chat or Responses names) as accounting's Usage: `input` excludes the
     cached and cache-written tokens that OpenAI counts inside the prompt."""

@@ -8,14 +8,19 @@ dicts, no I/O.
 Stateless by necessity: `previous_response_id` and `item_reference` items need stored
 responses, which the gateway does not keep, so they are errors. Reasoning items in the input
 are dropped (their encrypted content only means something to OpenAI). Hosted tools
-(web_search, file_search, code_interpreter, computer use, mcp, ...) cannot run on a chat
-channel and are dropped; function tools are kept. `store`, `include`, `truncation`,
+(web_search, file_search, code_interpreter, computer use, mcp, tool_search, ...) cannot run
+on a chat channel and are dropped; function tools are kept, and so are custom (freeform)
+tools such as Codex CLI's `apply_patch`: chat completions has them natively (the grammar
+nests under `format.grammar`), `custom_tool_call` items become custom tool calls and their
+`custom_tool_call_output` items tool messages; on an Anthropic channel `chat_anthropic`
+turns them into normal tools with one string property. `store`, `include`, `truncation`,
 `metadata`, `prompt_cache_key`, `service_tier` and `background` are dropped.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 from relay.translate.chat_anthropic import (
@@ -58,18 +63,44 @@ def _chat_content(content: Any, param: str) -> Any:
     return parts
 
 
-def _function_tools(tools: list[JSON]) -> list[JSON]:
+def _chat_format(fmt: Any) -> JSON | None:
+    """A custom tool's input format, Responses shape -> chat shape (grammar nested)."""
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "grammar":
+        return {"type": "grammar", "grammar": {"syntax": fmt.get("syntax"), "definition": fmt.get("definition")}}
+    return {"type": fmt.get("type") or "text"}
+
+
+def _chat_tools(tools: list[JSON]) -> list[JSON]:
     out = []
     for tool in tools:
-        if tool.get("type") != "function":
-            continue
-        fn: JSON = {"name": tool.get("name"), "parameters": tool.get("parameters") or {"type": "object"}}
-        if tool.get("description"):
-            fn["description"] = tool["description"]
-        if tool.get("strict") is not None:
-            fn["strict"] = tool["strict"]
-        out.append({"type": "function", "function": fn})
+        kind = tool.get("type")
+        if kind == "function":
+            fn: JSON = {"name": tool.get("name"), "parameters": tool.get("parameters") or {"type": "object"}}
+            if tool.get("description"):
+                fn["description"] = tool["description"]
+            if tool.get("strict") is not None:
+                fn["strict"] = tool["strict"]
+            out.append({"type": "function", "function": fn})
+        elif kind == "custom":
+            custom: JSON = {"name": tool.get("name")}
+            if tool.get("description"):
+                custom["description"] = tool["description"]
+            fmt = _chat_format(tool.get("format"))
+            if fmt is not None:
+                custom["format"] = fmt
+            out.append({"type": "custom", "custom": custom})
     return out
+
+
+def _assistant_call(messages: list[JSON], call: JSON) -> None:
+    # Parallel calls arrive as consecutive items; chat wants them on one assistant turn,
+    # together with any text the assistant said just before.
+    if messages and messages[-1]["role"] == "assistant":
+        messages[-1].setdefault("tool_calls", []).append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
 def responses_to_openai_chat_request(body: JSON, model: str) -> JSON:
@@ -98,18 +129,18 @@ def responses_to_openai_chat_request(body: JSON, model: str) -> JSON:
             else:
                 messages.append({"role": role, "content": content})
         elif kind == "function_call":
-            call = {
+            _assistant_call(messages, {
                 "id": item.get("call_id"),
                 "type": "function",
                 "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
-            }
-            # Parallel calls arrive as consecutive items; chat wants them on one assistant turn,
-            # together with any text the assistant said just before.
-            if messages and messages[-1]["role"] == "assistant":
-                messages[-1].setdefault("tool_calls", []).append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
+            })
+        elif kind == "custom_tool_call":
+            _assistant_call(messages, {
+                "id": item.get("call_id"),
+                "type": "custom",
+                "custom": {"name": item.get("name"), "input": item.get("input") or ""},
+            })
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item.get("output")
             if isinstance(output, list):
                 output = _chat_content(output, f"{param}.output")
@@ -124,7 +155,7 @@ def responses_to_openai_chat_request(body: JSON, model: str) -> JSON:
     req: JSON = {"model": model, "messages": messages}
     if body.get("max_output_tokens") is not None:
         req["max_completion_tokens"] = body["max_output_tokens"]
-    tools = _function_tools(body.get("tools") or [])
+    tools = _chat_tools(body.get("tools") or [])
     if tools:
         req["tools"] = tools
         choice = body.get("tool_choice")
@@ -132,6 +163,8 @@ def responses_to_openai_chat_request(body: JSON, model: str) -> JSON:
             req["tool_choice"] = choice
         elif isinstance(choice, dict) and choice.get("type") == "function":
             req["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        elif isinstance(choice, dict) and choice.get("type") == "custom":
+            req["tool_choice"] = {"type": "custom", "custom": {"name": choice.get("name")}}
         if body.get("parallel_tool_calls") is not None:
             req["parallel_tool_calls"] = body["parallel_tool_calls"]
     for key in ("temperature", "top_p", "user", "safety_identifier"):
@@ -224,6 +257,11 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str, st
     }
 
 
+def custom_tool_call_item(item_id: str, call_id: str, name: str, text: str, status: str = "completed") -> JSON:
+    return {"id": item_id, "type": "custom_tool_call", "status": status, "call_id": call_id, "name": name,
+            "input": text}
+
+
 def openai_chat_response_to_responses(resp: JSON, model: str, created_at: int | None = None) -> JSON:
     """A non-stream chat.completion as a Responses `response` object."""
     choice = (resp.get("choices") or [{}])[0]
@@ -236,11 +274,14 @@ def openai_chat_response_to_responses(resp: JSON, model: str, created_at: int | 
     if isinstance(text, str) and text:
         output.append(message_item(new_id("msg_"), text))
     for call in message.get("tool_calls") or ():
+        call_id = call.get("id") or new_id("call_")
+        if call.get("type") == "custom":
+            custom = call.get("custom") or {}
+            output.append(custom_tool_call_item(new_id("ctc_"), call_id, custom.get("name") or "",
+                                                custom.get("input") or ""))
+            continue
         fn = call.get("function") or {}
-        output.append(
-            function_call_item(new_id("fc_"), call.get("id") or new_id("call_"),
-                               fn.get("name") or "", fn.get("arguments") or "")
-        )
+        output.append(function_call_item(new_id("fc_"), call_id, fn.get("name") or "", fn.get("arguments") or ""))
     reason = INCOMPLETE_REASON.get(choice.get("finish_reason") or "")
     return response_envelope(
         new_id("resp_"),
@@ -253,6 +294,10 @@ def openai_chat_response_to_responses(resp: JSON, model: str, created_at: int | 
     )
 
 
-def anthropic_response_to_responses(resp: JSON, model: str, created_at: int | None = None) -> JSON:
-    """A non-stream Anthropic Message as a Responses `response` object."""
-    return openai_chat_response_to_responses(anthropic_response_to_openai_chat(resp, model), model, created_at)
+def anthropic_response_to_responses(
+    resp: JSON, model: str, created_at: int | None = None, *, custom_tools: Collection[str] = (),
+) -> JSON:
+    """A non-stream Anthropic Message as a Responses `response` object; `tool_use` blocks of
+    the request's `custom_tools` come back as `custom_tool_call` items."""
+    chat = anthropic_response_to_openai_chat(resp, model, custom_tools=custom_tools)
+    return openai_chat_response_to_responses(chat, model, created_at)

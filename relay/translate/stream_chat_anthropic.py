@@ -10,7 +10,9 @@ here (the gateway estimates tokens from `text_parts` only when usage never came)
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -18,8 +20,10 @@ import orjson
 from accounting.records import Usage
 from relay.translate.chat_anthropic import (
     ANTHROPIC_STOP_TO_FINISH,
+    CUSTOM_INPUT,
     FINISH_TO_ANTHROPIC_STOP,
     anthropic_usage_of,
+    custom_input_text,
 )
 from relay.translate.common import (
     JSON,
@@ -35,6 +39,101 @@ from relay.translate.errors import (
     openai_error_object_to_anthropic,
 )
 
+_CUSTOM_HEAD = '{"' + CUSTOM_INPUT + '":"'
+_STRING_STOP = re.compile(r'[\\"]')
+_HEAD, _BODY, _TAIL, _WHOLE = range(4)
+
+
+class CustomInputDecoder:
+    """The raw text of a custom tool call, decoded while Anthropic streams its arguments.
+
+    A custom tool travels to Anthropic as a tool with one string property (see
+    `chat_anthropic.CUSTOM_INPUT`), so its text arrives as `input_json_delta` fragments of
+    `{"input": "<JSON string>"}`, cut anywhere: inside the key, inside an escape, between
+    the halves of a surrogate pair. While the arguments keep that shape each fragment yields
+    the text it completes (an escape cut in two waits for its second half), so the client
+    sees the input stream as it would from OpenAI. Any other shape (another key first, a
+    value that is not a string) is kept and decoded once at the block's end, exactly as the
+    whole-response mapper does. Only the undecoded tail is held, never the whole text.
+    """
+
+    __slots__ = ("_parts", "_pending", "_state")
+
+    def __init__(self) -> None:
+        self._state = _HEAD
+        self._pending = ""  # head: what came so far; body: an escape still incomplete
+        self._parts: list[str] = []  # whole: every fragment, joined at the end
+
+    def feed(self, piece: str) -> str:
+        """One `partial_json` fragment -> the text it completes (often "")."""
+        if self._state == _BODY:
+            return self._body(self._pending + piece)
+        if self._state == _WHOLE:
+            self._parts.append(piece)
+            return ""
+        if self._state == _TAIL:
+            return ""
+        head = self._pending + piece
+        compact = "".join(head.split())
+        if compact.startswith(_CUSTOM_HEAD):
+            # Skip the head in the original text (whitespace may sit between its tokens).
+            seen = 0
+            for at, ch in enumerate(head):
+                if not ch.isspace():
+                    seen += 1
+                    if seen == len(_CUSTOM_HEAD):
+                        self._state = _BODY
+                        return self._body(head[at + 1:])
+        if _CUSTOM_HEAD.startswith(compact):
+            self._pending = head
+            return ""
+        self._state = _WHOLE
+        self._parts.append(head)
+        self._pending = ""
+        return ""
+
+    def _body(self, text: str) -> str:
+        end = len(text)  # where the decodable run stops
+        pos = 0
+        while True:
+            m = _STRING_STOP.search(text, pos)
+            if m is None:
+                break
+            at = m.start()
+            if text[at] == '"':  # the string ends here; whatever follows is the closing brace
+                self._state = _TAIL
+                end = at
+                text = text[:at]
+                break
+            need = 6 if text[at + 1:at + 2] == "u" else 2
+            if at + need <= len(text) and need == 6 and 0xD800 <= int(text[at + 2:at + 6], 16) <= 0xDBFF:
+                need = 12  # a high surrogate decodes only with its low half
+            if at + need > len(text):
+                end = at
+                break
+            pos = at + need
+        self._pending = text[end:] if self._state == _BODY else ""
+        run = text[:end]
+        if not run:
+            return ""
+        try:
+            decoded: str = orjson.loads('"' + run + '"')
+        except orjson.JSONDecodeError:
+            return run  # not valid JSON from the upstream: pass the characters on as they are
+        return decoded
+
+    def finish(self) -> str:
+        """Text still owed when the block ends (all of it when the shape was unusual)."""
+        if self._state != _WHOLE:
+            return ""
+        self._state = _TAIL
+        raw = "".join(self._parts)
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        return custom_input_text(value)
+
 
 class AnthropicToOpenAIChatStream:
     """Anthropic Messages stream events in, OpenAI chat.completion.chunk frames out.
@@ -42,10 +141,14 @@ class AnthropicToOpenAIChatStream:
     `usage` follows the Anthropic counts (input excludes cache reads and writes);
     `final_usage` turns true once `message_delta` brought the final output count.
     `text_parts` holds every generated fragment: text, thinking and tool arguments.
+    `tool_use` blocks of the request's `custom_tools` become custom tool calls whose input
+    streams as decoded text.
     """
 
     __slots__ = (
         "_created",
+        "_custom",
+        "_custom_tools",
         "_finish_reason",
         "_id",
         "_include_usage",
@@ -57,12 +160,15 @@ class AnthropicToOpenAIChatStream:
         "usage",
     )
 
-    def __init__(self, model: str, include_usage: bool, *, created: int | None = None) -> None:
+    def __init__(self, model: str, include_usage: bool, *, created: int | None = None,
+                 custom_tools: Collection[str] = ()) -> None:
         self._model = model
         self._include_usage = include_usage
         self._created = int(time.time()) if created is None else created
         self._id = new_id("chatcmpl-")
         self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self._custom_tools = custom_tools
+        self._custom: dict[int, CustomInputDecoder] = {}  # Anthropic block index -> its decoder
         self._finish_reason: str | None = None
         self._usage_sent = False
         self.usage = Usage()
@@ -124,6 +230,9 @@ class AnthropicToOpenAIChatStream:
                 tool = self._tools.get(obj.get("index", -1))
                 if not partial or tool is None:
                     return []
+                decoder = self._custom.get(obj.get("index", -1))
+                if decoder is not None:
+                    return self._custom_input(tool, decoder.feed(partial))
                 self.text_parts.append(partial)
                 return [self._chunk({"tool_calls": [{"index": tool, "function": {"arguments": partial}}]})]
             if dkind == "thinking_delta":
@@ -139,8 +248,13 @@ class AnthropicToOpenAIChatStream:
                 self._tools[obj.get("index", tool)] = tool
                 name = block.get("name", "")
                 self.text_parts.append(name)
-                call = {"index": tool, "id": block.get("id"), "type": "function",
-                        "function": {"name": name, "arguments": ""}}
+                if name in self._custom_tools:
+                    self._custom[obj.get("index", tool)] = CustomInputDecoder()
+                    call = {"index": tool, "id": block.get("id"), "type": "custom",
+                            "custom": {"name": name, "input": ""}}
+                else:
+                    call = {"index": tool, "id": block.get("id"), "type": "function",
+                            "function": {"name": name, "arguments": ""}}
                 return [self._chunk({"tool_calls": [call]})]
             if btype == "text" and block.get("text"):
                 self.text_parts.append(block["text"])
@@ -162,10 +276,21 @@ class AnthropicToOpenAIChatStream:
             if self._include_usage and not self._usage_sent:
                 return [self._usage_chunk()]
             return []
+        if kind == "content_block_stop":
+            decoder = self._custom.pop(obj.get("index", -1), None)
+            if decoder is not None:
+                return self._custom_input(self._tools[obj["index"]], decoder.finish())
+            return []
         if kind == "error":
             err = obj.get("error") or {}
             return [anthropic_error_object_to_openai(500, err)]
-        return []  # ping, content_block_stop
+        return []  # ping
+
+    def _custom_input(self, tool: int, text: str) -> list[JSON]:
+        if not text:
+            return []
+        self.text_parts.append(text)
+        return [self._chunk({"tool_calls": [{"index": tool, "custom": {"input": text}}]})]
 
     def finish_chunks(self) -> list[JSON]:
         """Chunks still owed at end of stream (the usage chunk when message_stop never came)."""

@@ -2,7 +2,8 @@
 
 `OpenAIChatToResponsesStream` turns chat.completion.chunk payloads into the Responses event
 sequence Codex CLI and the OpenAI SDK expect: response.created / in_progress, one output item
-per reasoning run, text run or function call (added, deltas, done), then response.completed
+per reasoning run, text run, function call or custom tool call (added, deltas, done), then
+response.completed
 (or response.incomplete) carrying all items and the usage. Every event has a
 `sequence_number`. `AnthropicToResponsesStream` composes the Anthropic -> chat mapper with it
 at the dict level (no re-serialization in between). Item text is joined once, when the item
@@ -12,6 +13,7 @@ closes. No I/O.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import orjson
 
@@ -20,6 +22,7 @@ from relay.translate.common import JSON, named_frame, new_id, usage_from_openai
 from relay.translate.responses import (
     INCOMPLETE_REASON,
     chat_usage_to_responses,
+    custom_tool_call_item,
     function_call_item,
     message_item,
     reasoning_item,
@@ -32,7 +35,7 @@ class _Item:
     __slots__ = ("call_id", "id", "kind", "name", "output_index", "parts")
 
     def __init__(self, kind: str, item_id: str, output_index: int, call_id: str = "", name: str = ""):
-        self.kind = kind  # "message" | "reasoning" | "function_call"
+        self.kind = kind  # "message" | "reasoning" | "function_call" | "custom_tool_call"
         self.id = item_id
         self.output_index = output_index
         self.call_id = call_id
@@ -93,7 +96,7 @@ class OpenAIChatToResponsesStream:
 
     def _open(self, out: list[JSON], kind: str, call_id: str = "", name: str = "") -> _Item:
         self._close(out)
-        prefix = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_"}[kind]
+        prefix = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_", "custom_tool_call": "ctc_"}[kind]
         item = _Item(kind, new_id(prefix), len(self._output), call_id, name)
         self._output.append({})  # placeholder keeps output_index stable
         self._current = item
@@ -102,6 +105,8 @@ class OpenAIChatToResponsesStream:
                            "role": "assistant", "content": []}
         elif kind == "reasoning":
             added = {"id": item.id, "type": "reasoning", "summary": []}
+        elif kind == "custom_tool_call":
+            added = custom_tool_call_item(item.id, call_id, name, "", "in_progress")
         else:
             added = function_call_item(item.id, call_id, name, "", "in_progress")
         self._emit(out, {"type": "response.output_item.added", "output_index": item.output_index,
@@ -134,6 +139,9 @@ class OpenAIChatToResponsesStream:
                              "text": text})
             self._emit(out, {"type": "response.reasoning_summary_part.done", **ref, "summary_index": 0,
                              "part": done["summary"][0]})
+        elif item.kind == "custom_tool_call":
+            done = custom_tool_call_item(item.id, item.call_id, item.name, text)
+            self._emit(out, {"type": "response.custom_tool_call_input.done", **ref, "input": text})
         else:
             done = function_call_item(item.id, item.call_id, item.name, text)
             self._emit(out, {"type": "response.function_call_arguments.done", **ref,
@@ -163,19 +171,30 @@ class OpenAIChatToResponsesStream:
                              "output_index": item.output_index, "content_index": 0, "delta": text,
                              "logprobs": []})
         for call in delta.get("tool_calls") or ():
+            index = call.get("index", 0)
             fn = call.get("function") or {}
-            tool = self._tools.get(call.get("index", 0))
+            custom = call.get("custom") or {}
+            tool = self._tools.get(index)
             if tool is None:
-                name = fn.get("name") or ""
+                # Some servers echo an empty `custom: {}` beside function deltas: the type,
+                # else a custom name, decides.
+                kind = "custom_tool_call" if call.get("type") == "custom" or (
+                    call.get("type") is None and custom.get("name") and not fn.get("name")) else "function_call"
+                name = (custom if kind == "custom_tool_call" else fn).get("name") or ""
                 self.text_parts.append(name)
-                tool = self._open(out, "function_call", call.get("id") or new_id("call_"), name)
-                self._tools[call.get("index", 0)] = tool
-            args = fn.get("arguments")
-            if args:
-                tool.parts.append(args)
-                self.text_parts.append(args)
-                self._emit(out, {"type": "response.function_call_arguments.delta", "item_id": tool.id,
-                                 "output_index": tool.output_index, "delta": args})
+                tool = self._open(out, kind, call.get("id") or new_id("call_"), name)
+                self._tools[index] = tool
+            if tool.kind == "custom_tool_call":
+                piece = custom.get("input")
+                event = "response.custom_tool_call_input.delta"
+            else:
+                piece = fn.get("arguments")
+                event = "response.function_call_arguments.delta"
+            if piece:
+                tool.parts.append(piece)
+                self.text_parts.append(piece)
+                self._emit(out, {"type": event, "item_id": tool.id, "output_index": tool.output_index,
+                                 "delta": piece})
 
     def feed(self, data: bytes) -> bytes:
         """One OpenAI SSE `data:` payload (a chunk or `[DONE]`) -> client bytes."""
@@ -239,13 +258,14 @@ class AnthropicToResponsesStream:
     """Anthropic Messages events in, Responses API events out (Anthropic -> chat -> Responses).
 
     `usage`, `final_usage` and `text_parts` come from the Anthropic side, which alone knows
-    cache writes.
+    cache writes. `custom_tools` names the request's custom tools (their `tool_use` blocks
+    become `custom_tool_call` items).
     """
 
     __slots__ = ("_chat", "_responses")
 
-    def __init__(self, model: str) -> None:
-        self._chat = AnthropicToOpenAIChatStream(model, include_usage=True)
+    def __init__(self, model: str, *, custom_tools: Collection[str] = ()) -> None:
+        self._chat = AnthropicToOpenAIChatStream(model, include_usage=True, custom_tools=custom_tools)
         self._responses = OpenAIChatToResponsesStream(model)
 
     @property
