@@ -77,6 +77,14 @@ async def signup(conn: Conn, name: str, terms: Terms, invite_code: str | None = 
     code refuses the whole sign-up (NotFound / StoreError), so nothing is half-done."""
     async with store._transaction(conn) as tx:
         uid = await store.create_user(tx, name)
+        return await grant(tx, uid, terms, invite_code)
+
+
+async def grant(conn: Conn, uid: int, terms: Terms, invite_code: str | None = None) -> dict[str, Any]:
+    """The sign-up credit and, with a valid invite code, the invite credit for user `uid`
+    (the console grants them once the email is verified). Idempotent per user through
+    the credits' external ids; an unknown or used-up code raises and grants nothing."""
+    async with store._transaction(conn) as tx:
         if terms.signup_nano:
             await topups.credit(tx, uid, terms.signup_nano, f"signup:{uid}", "sign-up credit")
         inviter = None

@@ -149,14 +149,18 @@ async def spend_series(
     key_id: int | None = None,
     model: str | None = None,
     group: str | None = None,
+    tz: str = "UTC",
 ) -> list[dict[str, Any]]:
-    """Requests, errors, tokens and cost per hour or day (UTC) in [start, end)."""
+    """Requests, errors, tokens and cost per hour or day in [start, end); days are those
+    of the time zone `tz` (an IANA name; the aggregates are hourly, so a zone whose offset
+    is not whole hours gets days that start at the hour before its midnight)."""
     if bucket not in BUCKETS:
         raise ValueError(f"bucket: expected one of {', '.join(BUCKETS)}, got {bucket!r}")
     where, args = _filters(start, end, "hour", user_id=user_id, key_id=key_id, model=model,
                            group_name=group)
+    args.append(tz)
     rows = await fetch_aggregate(
-        conn, f"SELECT date_trunc('{bucket}', hour, 'UTC') AS bucket, {_SUMS}"
+        conn, f"SELECT date_trunc('{bucket}', hour, ${len(args)}) AS bucket, {_SUMS}"
         f" FROM {_totals(user_id, key_id)}{where} GROUP BY 1 ORDER BY 1", *args)
     return [dict(r) for r in rows]
 

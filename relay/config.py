@@ -120,6 +120,54 @@ class GrowthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountsConfig:
+    """The console's accounts and sessions (relay/console)."""
+
+    signup: str = "open"  # open | invite (a code is required) | closed
+    verify_email: bool = True  # sign-up credits wait for the emailed code
+    max_devices: int = 2  # console sessions per user; a new login signs out the oldest
+    session_idle_s: int = 7 * 86400  # a session unused this long ends
+    session_max_s: int = 30 * 86400  # and every session ends this long after login
+    public_url: str = ""  # e.g. "https://relay.example.com"; empty: from the request's Host
+    cookie_secure: str = "auto"  # auto (Secure + __Host- behind HTTPS) | always | never
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")  # whose X-Forwarded-* are believed
+    purchase_url: str = ""  # where the site sells codes or takes payments (shown on Wallet)
+    site_name: str = "Tollway"
+    min_transfer: str = "0.01"  # USD
+    # Throttles: attempts per address and per account within the window, then 429.
+    attempts_per_ip: int = 20
+    attempts_per_account: int = 10
+    attempts_window_s: int = 600
+    # argon2id parameters; raising them rehashes each password at its next login.
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
+    argon2_threads: int = 2  # concurrent hashes per worker
+    smtp_host: str = ""  # empty: codes are written to the server log (development)
+    smtp_port: int = 587
+    smtp_user: str = ""
+    smtp_password_env: str = "TOLLWAY_SMTP_PASSWORD"
+    smtp_from: str = ""
+    smtp_tls: str = "starttls"  # starttls | tls | none
+
+
+def _accounts(a: AccountsConfig) -> AccountsConfig:
+    if a.signup not in ("open", "invite", "closed"):
+        raise ConfigError(f"accounts.signup: expected \"open\", \"invite\" or \"closed\", got {a.signup!r}")
+    if a.cookie_secure not in ("auto", "always", "never"):
+        raise ConfigError(f"accounts.cookie_secure: expected auto, always or never, got {a.cookie_secure!r}")
+    if a.smtp_tls not in ("starttls", "tls", "none"):
+        raise ConfigError(f"accounts.smtp_tls: expected starttls, tls or none, got {a.smtp_tls!r}")
+    if a.max_devices < 1:
+        raise ConfigError(f"accounts.max_devices: expected an integer >= 1, got {a.max_devices!r}")
+    if a.argon2_memory_kib < 8 or a.argon2_time_cost < 1 or a.argon2_threads < 1:
+        raise ConfigError("accounts.argon2_*: time_cost and threads >= 1, memory_kib >= 8")
+    if a.public_url and not a.public_url.startswith(("http://", "https://")):
+        raise ConfigError(f"accounts.public_url: expected an http(s) URL, got {a.public_url!r}")
+    _check_decimal("accounts.min_transfer", a.min_transfer)
+    return a
+
+
+@dataclass(frozen=True, slots=True)
 class DemoConfig:
     mock_upstream: bool = False  # start bench/mock_upstream beside the gateway
     mock_port: int = 8090
@@ -174,6 +222,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
     channels: tuple[ChannelConfig, ...] = ()
     prices: tuple[tuple[str, Price], ...] = ()  # model (or "default") -> price
     groups: tuple[GroupConfig, ...] = ()
@@ -283,7 +332,7 @@ def _growth(g: GrowthConfig) -> GrowthConfig:
 def parse(data: dict[str, Any], path: str = "") -> Config:
     top = {
         "server", "database", "upstream", "ledger", "limits", "metrics", "admin", "demo",
-        "growth", "channels", "prices", "groups", "fallbacks",
+        "growth", "accounts", "channels", "prices", "groups", "fallbacks",
     }
     unknown = sorted(set(data) - top)
     if unknown:
@@ -332,6 +381,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         admin=_section(AdminConfig, "admin", data.get("admin", {})),
         demo=_section(DemoConfig, "demo", data.get("demo", {})),
         growth=_growth(_section(GrowthConfig, "growth", data.get("growth", {}))),
+        accounts=_accounts(_section(AccountsConfig, "accounts", data.get("accounts", {}))),
         channels=tuple(channels),
         prices=tuple(prices),
         groups=tuple(groups),

@@ -69,10 +69,36 @@ async def prepare(cfg: Config, dsn: str) -> str | None:
 
             user_id = await store.create_user(conn, "demo", parse_usd(cfg.demo.demo_balance))
             _, secret = await store.create_key(conn, user_id, name="demo")
+            await _demo_login(cfg, conn, user_id)
             return secret
     finally:
         await conn.close()
     return None
+
+
+DEMO_EMAIL = "demo@tollway.local"
+
+
+async def _demo_login(cfg: Config, conn: Any, user_id: int) -> None:
+    """Give the demo user a console login: a generated password, written to
+    <data_dir>/demo-login (the start prints it once)."""
+    import secrets
+
+    from accounting import accounts
+
+    password = secrets.token_urlsafe(12)
+    a = cfg.accounts
+    hasher = accounts.Passwords(time_cost=a.argon2_time_cost, memory_kib=a.argon2_memory_kib,
+                                threads=1)
+    try:
+        hashed = await hasher.hash(password)
+    finally:
+        hasher.close()
+    await accounts.demo_login(conn, user_id, DEMO_EMAIL, hashed)
+    path = cfg.data_dir / "demo-login"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"email: {DEMO_EMAIL}\npassword: {password}\n")
+    path.chmod(0o600)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -149,6 +175,13 @@ def run(cfg: Config) -> int:
             key_file.chmod(0o600)
             print(f"tollway: created user 'demo'; demo key (shown once, also in {key_file}):\n"
                   f"  {demo_key}", flush=True)
+            login_file = cfg.data_dir / "demo-login"
+            if login_file.exists():
+                host = cfg.accounts.public_url or f"http://{cfg.server.host}:{cfg.server.port}"
+                print(f"tollway: console login for 'demo' (also in {login_file}):\n"
+                      f"  {host.rstrip('/')}/console\n"
+                      + "".join(f"  {line}\n" for line in login_file.read_text().splitlines()),
+                      end="", flush=True)
         mock = _start_mock(cfg)
         if cfg.server.workers == 1 and not _ledger_process(cfg):
             worker_main(cfg, dsn, 0, None)
@@ -331,6 +364,7 @@ async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket | None)
         n = cfg.server.workers
         print(f"tollway: listening on http://{cfg.server.host}:{worker.port} "
               f"({n} worker{'s' if n > 1 else ''})", flush=True)
+        print(f"tollway: console at http://{cfg.server.host}:{worker.port}/console", flush=True)
     await stop.wait()
     await worker.stop()
     if index == 0 and not _ledger_process(cfg):

@@ -38,7 +38,7 @@ from relay.routing import Router, channel_state
 log = logging.getLogger("tollway.worker")
 SYNC_INTERVAL = 0.5
 # Modules exposing `build(gateway, worker) -> relay.webapi.Api` for the non-model routes.
-API_MODULES = ("relay.admin", "relay.keyapi")
+API_MODULES = ("relay.admin", "relay.keyapi", "relay.console")
 
 _BY_STATUS: dict[int, type[E.GatewayError]] = {
     400: E.InvalidRequest, 404: E.NotFound, 405: E.MethodNotAllowed, 408: E.InvalidRequest,

@@ -1,0 +1,182 @@
+"""The key holder's console: server-rendered pages under /console, plus /pricing and /status.
+
+`build(gw, worker)` returns the object the gateway dispatches to after every model route
+(relay.app.Gateway.handle tries `gw.apis` only when no model route matched), so nothing
+here costs the model path anything. The pages call the same accounting functions as the
+admin API and the CLI (one code path per action); this package only renders them.
+
+    web.py       routing, sessions from cookies, CSRF and Origin checks
+    auth.py      sign-up, verification, login, 2FA, logout, reset, setup links
+    home.py      home and account (password, 2FA, devices, language, time zone)
+    keys.py      keys: create, edit, disable, enable, reset, delete, snippets
+    usage.py     usage curve and table, request logs and bills, group health, CSV
+    wallet.py    wallet (redeem, transfer, history), plans, invite
+    public.py    /pricing and /status
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from accounting import accounts, growth
+from relay.console.i18n import LANGS, Languages, best_lang
+from relay.console.mail import Mailer
+from relay.console.static import Static
+from relay.console.throttle import Throttle
+from relay.console.web import LANG_COOKIE, Page, Refused, Response, Router, redirect
+from relay.httpserver import HttpConnection, Request
+
+log = logging.getLogger("tollway.console")
+
+WHY = {
+    "device_limit": "You were signed out because your account signed in on another device "
+                    "(at most {n} devices at once).",
+    "password": "You were signed out because the password was changed.",
+    "2fa": "You were signed out because two-factor authentication was changed.",
+    "revoked": "This session was signed out from another device.",
+    "expired": "Your session has expired. Sign in again.",
+    "logout": "You are signed out.",
+    "disabled": "This account is disabled.",
+    "reset": "Your password was changed. Sign in with the new one.",
+}
+
+
+# Messages a redirect may carry (?ok=... / ?err=...): codes, never free text.
+FLASH = {
+    "saved": "Saved.",
+    "password": "Your password was changed. Your other sessions were signed out.",
+    "verified": "Your email is verified.",
+    "sent": "We sent a new code.",
+    "revoked": "The session was signed out.",
+    "2fa_on": "Two-factor authentication is on.",
+    "2fa_off": "Two-factor authentication is off.",
+    "key_saved": "The key was saved.",
+    "key_disabled": "The key was disabled.",
+    "key_enabled": "The key was enabled.",
+    "key_deleted": "The key was deleted.",
+    "redeemed": "The code was redeemed.",
+    "sent_money": "The transfer was made.",
+    "bought": "The plan is yours.",
+    "renewed": "The plan was renewed.",
+    "reset_sent": "If an account exists for this email, we sent it a code.",
+}
+
+
+class Console:
+    def __init__(self, gw: Any) -> None:
+        self.gw = gw
+        self.cfg = gw.cfg.accounts
+        self.static = Static()
+        self.langs = Languages(self.static)
+        a = self.cfg
+        self.passwords = accounts.Passwords(time_cost=a.argon2_time_cost,
+                                            memory_kib=a.argon2_memory_kib,
+                                            threads=a.argon2_threads)
+        self.throttle = Throttle(a.attempts_per_ip, a.attempts_per_account, a.attempts_window_s,
+                                 gw.cfg.limits.redis_url)
+        self.mailer = Mailer(a)
+        self.terms = growth.Terms.of(gw.cfg.growth)
+        self.router = Router(self)
+        from relay.console import auth, home
+
+        for module in (auth, home):
+            module.routes(self)
+
+    @property
+    def db(self) -> Any:
+        return self.gw.db
+
+    # --- the gateway's Api interface ---------------------------------------------------
+
+    def matches(self, path: bytes) -> bool:
+        return path == b"/" or path.startswith(b"/console") or path in (
+            b"/pricing", b"/status", b"/login", b"/register")
+
+    async def dispatch(self, req: Request, conn: HttpConnection, rid: bytes) -> None:
+        await self.router.dispatch(req, conn, rid)
+
+    # --- rendering ---------------------------------------------------------------------
+
+    def pick_lang(self, page: Page) -> None:
+        if page.account is not None and page.account.lang in LANGS:
+            page.lang = page.account.lang
+            return
+        chosen = page.query.get("lang") or page.cookies.get(LANG_COOKIE)
+        if chosen in LANGS:
+            page.lang = chosen
+        else:
+            page.lang = best_lang((page.req.header(b"accept-language") or b"").decode("latin-1"))
+
+    def _(self, page: Page, message: str) -> str:
+        return self.langs.gettext(page.lang, message)
+
+    def render(self, page: Page, template: str, status: int = 200, **ctx: Any) -> Response:
+        env = self.langs.envs[page.lang]
+        nav = page.account is not None and page.session is not None and not page.session.mfa_pending
+        body = env.get_template(template).render(
+            page=page, account=page.account if nav else None, csrf=page.csrf, tz=page.tz,
+            site=self.cfg.site_name, path=page.path, flash=self.flash(page), **ctx)
+        resp = Response(status, body.encode())
+        if "lang" in page.query and page.query["lang"] in LANGS and page.account is None:
+            resp.cookie(LANG_COOKIE, page.query["lang"], max_age=365 * 86400, secure=page.secure)
+        return resp
+
+    def flash(self, page: Page) -> str:
+        code = page.query.get("ok", "")
+        return self._(page, FLASH[code]) if code in FLASH else ""
+
+    def refusal(self, exc: Refused) -> Response:
+        env = self.langs.envs["en"]
+        body = env.get_template("error.html").render(
+            page=None, account=None, csrf="", tz="UTC", site=self.cfg.site_name, path="", flash="",
+            status=exc.status, message=str(exc))
+        resp = Response(exc.status, body.encode())
+        if exc.retry_after:
+            resp.headers.append((b"retry-after", str(exc.retry_after).encode()))
+        return resp
+
+    def why(self, page: Page, why: str) -> str:
+        text = WHY.get(why)
+        if text is None:
+            return ""
+        return self._(page, text).format(n=self.cfg.max_devices)
+
+    # --- shared helpers ------------------------------------------------------------------
+
+    def base_url(self, page: Page) -> str:
+        if self.cfg.public_url:
+            return self.cfg.public_url.rstrip("/")
+        return f"{'https' if page.secure else 'http'}://{page.host or '127.0.0.1'}"
+
+    async def throttled(self, page: Page, action: str, account: str = "") -> None:
+        wait = await self.throttle.hit(action, page.ip, account)
+        if wait:
+            raise Refused(429, self._(page, "Too many attempts. Wait a few minutes and try again."),
+                          retry_after=wait)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def zone(self, page: Page) -> ZoneInfo:
+        try:
+            return ZoneInfo(page.tz)
+        except Exception:
+            return ZoneInfo("UTC")
+
+    def devices(self, account: accounts.Account) -> int:
+        return account.max_devices or self.cfg.max_devices
+
+
+def back(to: str, **flash: str) -> Response:
+    """Redirect after a form (post/redirect/get) with a short message in the query."""
+    from urllib.parse import urlencode
+
+    q = urlencode({k: v for k, v in flash.items() if v})
+    return redirect(f"{to}{'&' if '?' in to else '?'}{q}" if q else to)
+
+
+def build(gw: Any, worker: Any = None) -> Console:
+    return Console(gw)

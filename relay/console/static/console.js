@@ -1,0 +1,50 @@
+// Tollway console: the little the pages need beyond HTML. CSRF header on htmx requests,
+// copy buttons, rows that open their detail page, and uPlot charts from JSON islands.
+(function () {
+  "use strict";
+  document.addEventListener("htmx:configRequest", function (e) {
+    var token = document.body.getAttribute("data-csrf");
+    if (token) e.detail.headers["X-CSRF-Token"] = token;
+  });
+  document.addEventListener("click", function (e) {
+    var btn = e.target.closest("[data-copy]");
+    if (btn) {
+      var src = document.getElementById(btn.getAttribute("data-copy"));
+      if (src && navigator.clipboard) {
+        navigator.clipboard.writeText(src.textContent.trim()).then(function () {
+          var old = btn.textContent; btn.textContent = btn.getAttribute("data-copied") || "✓";
+          setTimeout(function () { btn.textContent = old; }, 1500);
+        });
+      }
+      return;
+    }
+    var row = e.target.closest("tr[data-href]");
+    if (row && !e.target.closest("a, button, form")) window.location = row.getAttribute("data-href");
+  });
+  function chart(el) {
+    var data = JSON.parse(document.getElementById(el.getAttribute("data-chart")).textContent);
+    var lang = el.getAttribute("data-lang") || "en", tz = el.getAttribute("data-tz") || "UTC";
+    var hourly = data.bucket === "hour";
+    var fmt = new Intl.DateTimeFormat(lang, hourly ? { month: "numeric", day: "numeric", hour: "2-digit", timeZone: tz }
+                                                  : { month: "short", day: "numeric", timeZone: tz });
+    var money = new Intl.NumberFormat(lang, { style: "currency", currency: "USD", maximumFractionDigits: 4 });
+    var ys = data.y.map(Number);
+    var width = Math.max(260, el.clientWidth - 8);
+    var opts = {
+      width: width, height: 240, tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), tz); },
+      series: [{ value: function (u, v) { return v == null ? "" : fmt.format(new Date(v * 1000)); } },
+               { label: data.label, stroke: "#0b5cad", fill: "rgba(11,92,173,0.12)", width: 2,
+                 value: function (u, v) { return v == null ? "" : money.format(v); } }],
+      axes: [{ values: function (u, vals) { return vals.map(function (v) { return fmt.format(new Date(v * 1000)); }); } },
+             { values: function (u, vals) { return vals.map(function (v) { return money.format(v); }); }, size: 70 }],
+      scales: { x: { time: true } }
+    };
+    if (!data.x.length) { data.x = [Math.floor(Date.now() / 1000)]; ys = [0]; }
+    new uPlot(opts, [data.x, ys], el);
+  }
+  function init() {
+    if (typeof uPlot === "undefined") return;
+    document.querySelectorAll("[data-chart]").forEach(chart);
+  }
+  if (document.readyState === "complete") init(); else window.addEventListener("load", init);
+})();
