@@ -16,7 +16,6 @@ documents exactly those routes (tests/test_openapi.py keeps them in step).
 from __future__ import annotations
 
 import base64
-import hmac
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +35,6 @@ from relay.cli import channel_json, key_json, money, user_json
 from relay.cli_plans import plan_json, subscription_json
 from relay.config import Price
 from relay.httpserver import Request
-from relay.proxy import extract_secret
 from relay.webapi import Api, ApiError, Call, Reply
 
 PREFIX = "/admin/v1"
@@ -278,9 +276,7 @@ class Admin:
                            f"The admin API is disabled: set the {cfg.admin.token_env} environment"
                            " variable (or token in the [admin] section of config.toml) to a long"
                            " random string and restart")
-        given = extract_secret(req)
-        if not given or not hmac.compare_digest(given, token.encode()):
-            raise E.InvalidKey("Missing or invalid admin token: send Authorization: Bearer <admin token>")
+        self.gw.authguard.admin(token, req)
         raw = req.header(b"x-admin-actor")
         if raw is not None:
             name = raw.decode("latin-1").strip()

@@ -27,6 +27,7 @@ from accounting.pricing import cost_nano, estimate_max_cost
 from accounting.records import ROW_FORMAT, Usage
 from relay import errors as E
 from relay.auth import Groups, KeyCache
+from relay.authguard import AuthGuard
 from relay.config import Config
 from relay.errors import ANTHROPIC, OPENAI, GatewayError
 from relay.httpserver import HttpConnection, Request
@@ -37,7 +38,6 @@ from relay.proxy import (
     TAP,
     WITHHOLD,
     Exchange,
-    extract_secret,
     inject_include_usage,
     max_output_tokens,
     upstream_headers,
@@ -128,8 +128,7 @@ class Gateway:
         self._trust_rid = cfg.server.trust_client_request_id
         self._log_ip = cfg.server.log_client_ip
         self._fallbacks = dict(cfg.fallbacks)
-        self._auth_failures: dict[str, list[float]] = {}
-        self._auth_failure_limit = cfg.limits.auth_failures_per_minute
+        self.authguard = AuthGuard(cfg.limits.auth_failures_per_minute)
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -197,38 +196,7 @@ class Gateway:
     # --- auth and scope -------------------------------------------------------------
 
     async def _authenticate(self, req: Request) -> Any:  # a limits.keys.KeyState
-        failures = self._auth_failures.get(req.client_ip)
-        if failures is not None and failures[1] >= self._auth_failure_limit:
-            wait = failures[0] + 60.0 - self.loop.time()
-            if wait > 0:
-                raise E.RateLimited("Too many failed authentication attempts from this address",
-                                    retry_after=wait)
-            del self._auth_failures[req.client_ip]
-        secret = extract_secret(req)
-        key = None
-        if secret:
-            key = self.keys.lookup(secret)
-            if key is None:
-                key = await self.keys.lookup_slow(secret)
-        if key is None:
-            self._auth_failed(req.client_ip)
-            if not secret:
-                raise E.InvalidKey("Missing API key: send Authorization: Bearer sk-... or x-api-key")
-            raise E.InvalidKey("Invalid API key")
-        return key
-
-    def _auth_failed(self, ip: str) -> None:
-        """Count failures per client address over a fixed minute: key guessing is slowed."""
-        if not self._auth_failure_limit:
-            return
-        now = self.loop.time()
-        entry = self._auth_failures.get(ip)
-        if entry is None or now - entry[0] >= 60.0:
-            if len(self._auth_failures) >= 100_000:
-                self._auth_failures.clear()  # bounded memory under a spray of addresses
-            self._auth_failures[ip] = [now, 1]
-        else:
-            entry[1] += 1
+        return await self.authguard.key(self.keys, req)
 
     def model_allowed(self, key: Any, model: str) -> bool:
         if key.models is not None and model not in key.models:

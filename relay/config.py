@@ -33,6 +33,9 @@ class ServerConfig:
     access_log: bool = False
     trust_client_request_id: bool = True
     log_client_ip: bool = False
+    # Reverse proxies (addresses or CIDR blocks) whose X-Forwarded-For names the client;
+    # from any other peer the header is ignored. Empty: the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +238,9 @@ class Config:
         return (base / self.database.data_dir).resolve()
 
     def admin_token(self) -> str:
-        return os.environ.get(self.admin.token_env, "") or self.admin.token
+        # Stripped: a token written with `echo` into an env file ends in a newline, which
+        # no client sends back (the admin API would refuse every request, silently).
+        return (os.environ.get(self.admin.token_env, "") or self.admin.token).strip()
 
 
 # --- parsing -----------------------------------------------------------------------
@@ -338,6 +343,11 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(top))})")
     server = _section(ServerConfig, "server", _positive_workers(data.get("server", {})))
+    from relay.clientaddr import check as check_cidrs
+
+    bad = check_cidrs(server.trusted_proxies)
+    if bad is not None:
+        raise ConfigError(f"server.trusted_proxies: expected addresses or CIDR blocks, got {bad!r}")
     channels = []
     names: set[str] = set()
     for i, raw in enumerate(data.get("channels", [])):

@@ -21,6 +21,7 @@ import http
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httptools
 
@@ -88,7 +89,7 @@ class ServerState:
 
     __slots__ = (
         "connections", "draining", "error_body", "handler", "header_timeout", "keepalive_timeout",
-        "max_body", "max_header",
+        "max_body", "max_header", "proxies",
     )
 
     def __init__(
@@ -100,8 +101,11 @@ class ServerState:
         header_timeout: float,
         keepalive_timeout: float,
         error_body: Callable[[int, str, Request | None], tuple[bytes, list[tuple[bytes, bytes]]]],
+        proxies: Any = None,
     ) -> None:
         self.handler = handler
+        # relay.clientaddr.TrustedProxies, or None: a request's client_ip is the peer's.
+        self.proxies = proxies
         self.max_body = max_body
         self.max_header = max_header
         self.header_timeout = header_timeout
@@ -134,6 +138,7 @@ class HttpConnection(asyncio.Protocol):
         "_response_started",
         "_state",
         "_task",
+        "_trusted_peer",
         "_url",
         "closed",
         "on_disconnect",
@@ -149,6 +154,7 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self._client_ip = ""
+        self._trusted_peer = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_size = 0
@@ -177,6 +183,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._client_ip = peer[0] if peer else ""
+        proxies = self._state.proxies
+        self._trusted_peer = proxies is not None and proxies.trusts(self._client_ip)
         self._state.connections.add(self)
         self._head_timer = self._loop.call_later(self._state.header_timeout, self._head_timeout)
 
@@ -287,7 +295,8 @@ class HttpConnection(asyncio.Protocol):
             self._headers,
             body,
             self._parser.should_keep_alive(),
-            self._client_ip,
+            self._client_ip if not self._trusted_peer
+            else self._state.proxies.client(self._client_ip, self._headers),
         )
         if self._cur is None:
             self._dispatch(req)

@@ -30,7 +30,6 @@ from relay.admin import (
 )
 from relay.cli import money
 from relay.httpserver import Request
-from relay.proxy import extract_secret
 from relay.webapi import Api, ApiError, Call, Reply
 
 # The columns of a usage row a key holder sees: what they sent and what it cost.
@@ -74,14 +73,8 @@ class KeyViews:
         self._redeem_failures: dict[int, list[float]] = {}
 
     async def guard(self, req: Request) -> Any:
-        secret = extract_secret(req)
-        if not secret:
-            raise E.InvalidKey("Missing API key: send Authorization: Bearer sk-... or x-api-key")
-        keys = self.gw.keys
-        key = keys.lookup(secret)
-        if key is None:
-            key = await keys.lookup_slow(secret)
-        if key is None or not key.enabled or not key.user_enabled:
+        key = await self.gw.authguard.key(self.gw.keys, req)
+        if not key.enabled or not key.user_enabled:
             raise E.InvalidKey("Invalid API key")
         if key.expires_at and key.expires_at <= time.time():
             raise E.InvalidKey("This API key has expired")

@@ -29,6 +29,7 @@ from accounting.money import parse_multiplier
 from limits.admission import Limiter, anthropic_headers
 from relay import errors as E
 from relay.app import Gateway, breaker_factory
+from relay.clientaddr import TrustedProxies
 from relay.config import ChannelConfig, Config
 from relay.healthcheck import HealthChecker
 from relay.httpserver import ServerState, drain, make_factory
@@ -122,6 +123,7 @@ class Worker:
             header_timeout=cfg.server.header_timeout_s,
             keepalive_timeout=cfg.server.keepalive_timeout_s,
             error_body=self._error_body,
+            proxies=TrustedProxies(cfg.server.trusted_proxies) if cfg.server.trusted_proxies else None,
         )
         loop = asyncio.get_running_loop()
         if sock is None:

@@ -213,11 +213,12 @@ async def test_failed_auth_from_one_ip_is_slowed(pg_dsn: str, http: aiohttp.Clie
             statuses.append(status)
         assert statuses[:5] == [401] * 5
         assert 429 in statuses[5:], statuses
-        # A correct key from that address is slowed too while the window lasts.
+        # A correct key from that address is never slowed by the others' failures
+        # (tests/test_authguard.py).
         _, _, key = await h.user_and_key()
         status, _, _ = await call(http, h.url, "/v1/chat/completions",
-                                  {"model": "gpt-4o-mini", "messages": []},
+                                  {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
                                   {"Authorization": f"Bearer {key}"})
-        assert status in (200, 429)
+        assert status == 200
     finally:
         await h.stop()
