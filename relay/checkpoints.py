@@ -1,0 +1,139 @@
+"""Checkpoints of streams in flight, so a crash mid-stream still bills what was emitted.
+
+A stream is settled (and its usage row recorded) only when it ends; a worker killed
+mid-stream would leave nothing to bill for what its clients already received. So the
+gateway keeps one `StreamCheckpoints` per worker: a stream registers when its exchange
+starts (`add(key, row_fn)`) and leaves right before it settles (`discard(key)`). One
+loop timer, about once a second and only while some stream is registered, calls each
+`row_fn` and hands the rows it returns to the ledger (`Ledger.checkpoint`), which
+journals them together at the end of that loop iteration. A `row_fn` returns the row the
+stream would settle with now (the flat row of accounting.records, usage_source
+"interrupted"), or None when it emitted nothing new since its last call. The journal
+never flushes a checkpoint while this process lives; whoever adopts the journal after
+a crash charges each unsettled stream its last one, once (accounting.journal).
+
+Nothing here runs per chunk or per request beyond a dict insert and delete: the cost is
+the timer's, proportional to the streams in flight, once a second. `OutputMeter`
+counts what a stream emitted incrementally, each chunk once, for the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from accounting import tokens
+from accounting import usage as usage_mod
+from accounting.records import UsageRow
+from relay.sse import SSEFramer
+
+log = logging.getLogger("tollway.relay")
+
+RowFn = Callable[[], UsageRow | None]
+
+
+class CheckpointLedger(Protocol):
+    """What this module needs of accounting.ledger.Ledger."""
+
+    def checkpoint(self, row: UsageRow) -> None: ...
+    def forget_checkpoint(self, request_id: str) -> None: ...
+
+
+class StreamCheckpoints:
+    """The live streams of one worker and the timer that checkpoints them."""
+
+    __slots__ = ("_entries", "_handle", "_interval", "_ledger", "_loop", "_rids", "failures",
+                 "written")
+
+    def __init__(self, ledger: CheckpointLedger, loop: asyncio.AbstractEventLoop,
+                 interval: float = 1.0) -> None:
+        self._ledger = ledger
+        self._loop = loop
+        self._interval = interval
+        self._entries: dict[Any, RowFn] = {}
+        # key -> request id of the last row journaled for it, to forget on discard.
+        self._rids: dict[Any, str] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self.written = 0  # checkpoints handed to the ledger
+        self.failures = 0  # row_fn calls that raised
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, key: Any, row_fn: RowFn) -> None:
+        """Checkpoint this stream from the next tick on (replaces `key`'s earlier entry:
+        a retry on another channel starts a new exchange for the same request)."""
+        self._entries[key] = row_fn
+        if self._handle is None:
+            self._handle = self._loop.call_later(self._interval, self._tick)
+
+    def discard(self, key: Any) -> None:
+        """The stream is settling now (its row supersedes every checkpoint) or owes
+        nothing: stop checkpointing it. Call it before the settled row is recorded."""
+        self._entries.pop(key, None)
+        rid = self._rids.pop(key, None)
+        if rid is not None:
+            self._ledger.forget_checkpoint(rid)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        self._handle = None
+        ledger = self._ledger
+        for key, row_fn in list(self._entries.items()):
+            try:
+                row = row_fn()
+            except Exception:
+                self.failures += 1
+                if self.failures == 1:  # once: a bug here must not flood the log
+                    log.exception("stream checkpoint failed (further failures are counted)")
+                continue
+            if row is not None:
+                self._rids[key] = row[1]
+                ledger.checkpoint(row)
+                self.written += 1
+        if self._entries:
+            self._handle = self._loop.call_later(self._interval, self._tick)
+
+
+class OutputMeter:
+    """Output tokens a stream has emitted so far, counted incrementally: each call
+    frames only the chunks (or text parts) that arrived since the previous one.
+
+    `chunks` is the exchange's list of stream bytes as the client's protocol carries
+    them (it only grows while the stream lives); `parts`, when given, the text a
+    translating exchange emitted, which is counted instead.
+    """
+
+    __slots__ = ("_framer", "_i", "_protocol", "_route", "tokens")
+
+    def __init__(self, protocol: str, route: str) -> None:
+        self._protocol = protocol
+        self._route = route
+        self._framer = SSEFramer()
+        self._i = 0
+        self.tokens = 0
+
+    def count_chunks(self, chunks: list[bytes]) -> int:
+        new = chunks[self._i:]
+        self._i = len(chunks)
+        if new:
+            events: list[bytes] = []
+            for chunk in new:
+                events.extend(self._framer.feed(chunk))
+            if events:
+                text = usage_mod.text_from_events(self._protocol, self._route, events)
+                self.tokens += tokens.count_text(text)
+        return self.tokens
+
+    def count_parts(self, parts: list[str]) -> int:
+        new = parts[self._i:]
+        self._i = len(parts)
+        if new:
+            self.tokens += tokens.count_text("".join(new))
+        return self.tokens
