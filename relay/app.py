@@ -28,6 +28,7 @@ from accounting.records import ROW_FORMAT, Usage
 from relay import errors as E
 from relay.auth import Groups, KeyCache
 from relay.authguard import AuthGuard
+from relay.checkpoints import OutputMeter, StreamCheckpoints
 from relay.config import Config
 from relay.errors import ANTHROPIC, OPENAI, GatewayError
 from relay.httpserver import HttpConnection, Request
@@ -110,6 +111,8 @@ class Gateway:
         self.groups = Groups()
         self.limiter = limiter
         self.ledger = ledger
+        # A crash mid-stream still bills what was emitted (relay.checkpoints).
+        self.checkpoints = StreamCheckpoints(ledger, self.loop) if ledger is not None else None
         self.metrics = metrics
         self.pricebook = pricebook
         self.db: Any = None  # asyncpg pool, set by the worker
@@ -379,6 +382,10 @@ class Gateway:
                                              cand_model, body)
                     path = plan.upstream_path
                 conn.on_disconnect = ex.client_gone
+                if stream and self.checkpoints is not None:
+                    self.checkpoints.add(req.request_id, self._checkpoint_fn(
+                        req, route, key, body, model, cand_model, ex, channel, upstream_model,
+                        price, multiplier, lease, t0, ts, attempts, tried))
                 raw = build_request(channel.origin, b"POST", path,
                                     upstream_headers(req, channel, translated=plan is not None),
                                     payload)
@@ -416,6 +423,8 @@ class Gateway:
             raise
         finally:
             self.in_flight -= 1
+            if self.checkpoints is not None:
+                self.checkpoints.discard(req.request_id)  # the settled row supersedes
             self._settle(req, route, key, body, model, stream, ex, channel, upstream_model,
                          price, multiplier, lease, error, t0, ts, attempts, tried)
 
@@ -560,6 +569,66 @@ class Gateway:
             lease.plan_id if lease is not None else key.plan_id,
             _fraction_str(multiplier),
         ))
+
+    def _checkpoint_fn(self, req: Request, route: Route, key: Any, body: dict[str, Any] | None,
+                       model: str, answering: str, ex: Exchange, channel: Channel,
+                       upstream_model: str, price: Any, multiplier: Fraction, lease: Any,
+                       t0: float, ts: float, attempts: int,
+                       tried: list[str]) -> Callable[[], tuple[Any, ...] | None]:
+        """The row `_settle` would record if this stream ended now (relay.checkpoints):
+        None until it has emitted output, and while it emits nothing new. Same layout,
+        request id and admission time as `_settle`'s row, so the settled row supersedes
+        it and a replay lands it once; usage_source "interrupted"."""
+        if answering != model and self.pricebook is not None:
+            try:
+                price = self.pricebook.lookup(answering)  # a fallback is billed at its price
+            except LookupError:
+                pass
+        translated = isinstance(ex, TranslatingExchange)
+        meter: OutputMeter | None = None  # made at the first tick: most streams end before
+        seen = [0, -1]  # bytes_out at the last call; the input estimate, once needed
+
+        def row() -> tuple[Any, ...] | None:
+            nonlocal meter
+            if not ex.started or ex.status >= 400 or ex.bytes_out == seen[0]:
+                return None
+            seen[0] = ex.bytes_out
+            if meter is None:
+                meter = OutputMeter(route.protocol_name, route.name)
+            reported: Usage | None
+            if translated:
+                mapper = ex.stream_mapper  # type: ignore[attr-defined]
+                m = mapper.m if mapper is not None else None
+                out = meter.count_parts(getattr(m, "text_parts", []))
+                reported = getattr(m, "usage", None)
+            else:
+                out = meter.count_chunks(ex.body_chunks)
+                reported = ex.tap.usage if ex.tap is not None else None
+            if out <= 0:
+                return None  # no output yet: nothing is owed (invariant 4)
+            if reported is not None:
+                out = max(out, reported.output)
+            if reported is not None and reported.input:
+                u = Usage(input=reported.input, output=out, cache_read=reported.cache_read,
+                          cache_write=reported.cache_write, reasoning=reported.reasoning)
+            else:
+                if seen[1] < 0:
+                    from accounting import tokens
+                    seen[1] = tokens.estimate_input_tokens(route.protocol_name, body or {})
+                u = Usage(input=seen[1], output=out)
+            cost = cost_nano(u, price, multiplier) if price is not None else 0
+            now = self.loop.time()
+            return (
+                ROW_FORMAT, req.request_id, ts, key.user_id, key.id, key.group, model,
+                upstream_model, channel.name, route.protocol_name, route.name, True, ex.status,
+                "", u.input, u.output, u.cache_read, u.cache_write, u.reasoning, "interrupted",
+                cost, price.version if price is not None else 0, int((now - t0) * 1000),
+                int((ex.first_byte - t0) * 1000) if ex.first_byte else 0, attempts,
+                ",".join(tried), _client_rid(req), req.client_ip if self._log_ip else "",
+                lease.plan_id if lease is not None else key.plan_id, _fraction_str(multiplier),
+            )
+
+        return row
 
     def _usage(self, ex: Exchange, route: Route, body: dict[str, Any] | None,
                stream: bool) -> tuple[Usage | None, str]:

@@ -1,14 +1,26 @@
 """A crash mid-stream still bills what was emitted (issue 19, item 7): the gateway's
 side, relay.checkpoints (the journal's side is in test_journal, test_ledger and
-test_ledgerd)."""
+test_ledgerd), and end to end.
+
+End to end: a real `python -m relay serve`, the bundled mock upstream streaming slowly,
+N streams that have each delivered content to their client, then kill -9 of the worker.
+After the restart every one of those streams has exactly one usage row, priced, and the
+balance moved by exactly their sum. Both ledger modes: the worker flushing its own
+journal (the restarted worker replays the dead one's), and `[ledger] process = true`
+(the ledger process adopts the dead worker's journal).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -16,8 +28,22 @@ from accounting import journal as jn
 from accounting import tokens
 from accounting.journal import Journal
 from accounting.ledger import Ledger
+from accounting.money import parse_usd
 from relay.checkpoints import OutputMeter, StreamCheckpoints
+from tests import test_faults
+from tests.test_faults import (
+    _children,
+    _user,
+    balance_of,
+    by_client_rid,
+    chat,
+    priced_right,
+    rows_of,
+    wait_rows,
+)
 from tests.test_ledger import read_file, rec
+
+serve_env = test_faults.serve_env  # the fixture: a real `serve` beside the mock upstream
 
 
 class FakeLedger:
@@ -113,3 +139,115 @@ def test_the_output_meter_counts_each_chunk_once_whatever_the_cuts() -> None:
         parts.append(w)
         parts_meter.count_parts(parts)
     assert abs(parts_meter.tokens - whole) <= 2  # counted in pieces, not as one text
+
+
+def journaled_checkpoints(journal_dir: Path) -> dict[str, list[Any]]:
+    """The latest checkpoint row journaled for each client request id, read off the files
+    as they are (the test's only window on a worker it is about to kill)."""
+    out: dict[str, list[Any]] = {}
+    for path in sorted(journal_dir.glob("*" + jn.SUFFIX)):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue  # deleted meanwhile (committed)
+        frames, _, _ = jn.parse_frames(data)
+        for f in frames:
+            payload = orjson.loads(f[jn.HEADER_SIZE:])
+            if payload and payload[0] == jn.CHECKPOINT:
+                row = payload[1]
+                out[row[26]] = row
+    return out
+
+
+async def _stream(http: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any], rid: str,
+                  content: set[str]) -> None:
+    """Read the stream; `rid` joins `content` once a content delta has arrived."""
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": rid}
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with http.post(url + "/v1/chat/completions", data=orjson.dumps(body), headers=headers,
+                             timeout=aiohttp.ClientTimeout(total=60)) as r:
+            assert r.status == 200, await r.read()
+            seen = b""
+            async for chunk in r.content.iter_any():
+                if rid not in content:
+                    seen += chunk
+                    if b'"content":"hello' in seen:
+                        content.add(rid)
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["worker-flushes", "ledger-process"])
+async def test_kill9_mid_stream_bills_every_stream_that_sent_content_exactly_once(
+        serve_env: Any, pg_dsn: str, http: aiohttp.ClientSession, process: bool) -> None:
+    make, _ = serve_env
+    ledger = {"flush_interval_ms": 100}
+    if process:
+        ledger["process"] = "true"  # type: ignore[assignment]
+    sp = make(ledger)
+    user_id, key = await _user(sp, f"ckpt_{os.getpid()}_{time.monotonic_ns()}")
+    await sp.start()
+    assert sp.proc is not None
+    url = f"http://127.0.0.1:{sp.port}"
+    journal_dir = sp.tmp / "data" / "journal"
+    n = 40
+    rids = [f"ckpt-{i}" for i in range(n)]
+    # 20 s streams: far longer than the test needs them to live.
+    body = chat(stream=True, mock={"chunks": 400, "delay_ms": 50, "input_tokens": 100})
+    content: set[str] = set()
+    load = asyncio.gather(*(_stream(http, url, key, body, r, content) for r in rids))
+    try:
+        deadline = time.monotonic() + 20
+        while len(content) < n:
+            assert time.monotonic() < deadline, f"{len(content)} of {n} streams got content"
+            await asyncio.sleep(0.02)
+        # Every stream's checkpoint is on disk (the worker's timer writes about once a
+        # second): the state a kill -9 leaves.
+        while set(journaled_checkpoints(journal_dir)) < set(rids):
+            assert time.monotonic() < deadline, (
+                f"checkpoints journaled for {len(journaled_checkpoints(journal_dir))} of {n} streams")
+            await asyncio.sleep(0.05)
+        assert await rows_of(pg_dsn, user_id) == [], "a live stream's checkpoint was flushed"
+        if process:
+            ledger_pid, worker_pid = _children(sp.proc.pid)
+            os.kill(worker_pid, signal.SIGKILL)
+        else:
+            sp.kill()
+        await asyncio.wait_for(load, 30)
+        if process:
+            # The supervisor starts a new worker; the ledger process adopts the dead one's
+            # journal and charges each interrupted stream its last checkpoint.
+            while worker_pid in _children(sp.proc.pid):
+                assert time.monotonic() < deadline + 20
+                await asyncio.sleep(0.05)
+            assert _children(sp.proc.pid)[0] == ledger_pid
+        else:
+            await sp.start()  # the new worker replays the dead one's journal
+        rows = await wait_rows(pg_dsn, user_id, n, within=20)
+        seen = by_client_rid(rows)  # exactly once
+        assert set(seen) == set(rids)
+        for r in seen.values():
+            assert r["cost_nano"] > 0 and r["output_tokens"] > 0, dict(r)
+            assert r["usage_source"] in ("interrupted", "estimated"), dict(r)
+            assert r["status"] in (200, 499), dict(r)
+            priced_right(r)
+        # Nothing more arrives later (a second replay, a checkpoint charged twice).
+        sp.proc.send_signal(signal.SIGTERM)
+        assert await sp.wait() == 0
+        rows = await rows_of(pg_dsn, user_id)
+        assert set(by_client_rid(rows)) == set(rids)
+        assert await balance_of(pg_dsn, user_id) == parse_usd("10") - sum(r["cost_nano"] for r in rows)
+        assert list(journal_dir.glob("*" + jn.SUFFIX)) == []
+    finally:
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await load
+        if sp.proc is not None and sp.proc.poll() is None:
+            for pid in _children(sp.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        sp.kill()
