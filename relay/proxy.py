@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from accounting import usage as usage_mod
 from relay import errors as E
 from relay.errors import GatewayError
 from relay.httpserver import HttpConnection, Request
 from relay.sse import SSEFramer, fields, has_usage_object
 from relay.upstream import HOP_BY_HOP, UpstreamConnection
+from relay.upstream_errors import status_error
 
 if TYPE_CHECKING:
     from relay.app import Gateway, Route
@@ -50,15 +49,20 @@ WITHHOLD = 2  # forward event by event, dropping the usage-only chunk we asked f
 
 INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
+# The upstream's request id (OpenAI `x-request-id`, Anthropic `request-id`) is not sent
+# on: the client gets one id, the gateway's; the upstream's is kept in the usage row.
+UPSTREAM_IDS = frozenset({b"request-id", b"x-request-id"})
+NOT_COPIED = HOP_BY_HOP | UPSTREAM_IDS
+
 
 class Exchange:
     """One client request's trip to an upstream; the upstream connection's sink."""
 
     __slots__ = (
         "_limits", "_watchdog", "aborted", "body_chunks", "bytes_out", "client", "done",
-        "error", "error_body", "first_byte", "framer", "gw", "headers_out", "last_activity",
-        "loop", "mode", "protocol", "route", "started", "status", "tap", "upstream",
-        "upstream_status",
+        "error", "error_body", "error_headers", "first_byte", "framer", "gw", "headers_out",
+        "last_activity", "loop", "mode", "protocol", "route", "started", "status", "tap",
+        "upstream", "upstream_rid", "upstream_status",
     )
 
     def __init__(self, gw: Gateway, client: HttpConnection, route: Route, mode: int,
@@ -81,6 +85,8 @@ class Exchange:
         self.last_activity = 0.0
         self.error: GatewayError | None = None
         self.error_body: list[bytes] | None = None
+        self.error_headers: list[tuple[bytes, bytes]] = []  # a held error's head
+        self.upstream_rid = b""  # the upstream's own request id, for the usage row
         self.aborted = False  # the client went away
         self.upstream: UpstreamConnection | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -123,13 +129,24 @@ class Exchange:
             eb.append(data)
         return True
 
+    def _held(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Keep a held error's head: its Retry-After and rate-limit headers reach the
+        client if no other attempt answers, and its request id goes in the usage row."""
+        self.error_headers = headers
+        for k, v in headers:
+            if k in UPSTREAM_IDS:
+                self.upstream_rid = v
+
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         if not self._head(status):
+            self._held(headers)
             return
         out = self.headers_out
         for k, v in headers:
-            if k not in HOP_BY_HOP:
+            if k not in NOT_COPIED:
                 out.append((k, v))
+            elif k in UPSTREAM_IDS:
+                self.upstream_rid = v
         if status >= 400:
             self.mode = NONSTREAM  # an upstream 4xx passes through unchanged
         if self.mode == WITHHOLD:
@@ -187,7 +204,8 @@ class Exchange:
     def on_done(self) -> None:
         self.upstream = None
         if self.error_body is not None and self.error is None:
-            self.error = _upstream_status_error(self.upstream_status, b"".join(self.error_body))
+            self.error = status_error(self.upstream_status, b"".join(self.error_body),
+                                      self.error_headers, self.protocol, self.protocol)
         if self.started:
             if self.framer is not None and self.mode == WITHHOLD and self.framer.pending:
                 pending = self.framer.pending
@@ -283,26 +301,6 @@ class _ClientGone(GatewayError):
 
 
 _CLIENT_GONE = _ClientGone("Client closed the connection")
-
-
-def _upstream_status_error(status: int, body: bytes) -> GatewayError:
-    detail = ""
-    try:
-        obj = orjson.loads(body)
-        err = obj.get("error") if isinstance(obj, dict) else None
-        if isinstance(err, dict):
-            detail = str(err.get("message", ""))[:300]
-        elif isinstance(err, str):
-            detail = err[:300]
-    except orjson.JSONDecodeError:
-        detail = body[:200].decode("utf-8", "replace")
-    if 300 <= status < 400:
-        return E.UpstreamError(f"Upstream answered with a redirect ({status}); redirects are not followed")
-    if status == 429:
-        exc: GatewayError = E.RateLimited(f"Upstream rate limited the request: {detail}".rstrip(": "))
-        exc.upstream_body = body  # type: ignore[attr-defined]
-        return exc
-    return E.UpstreamError(f"Upstream error {status}: {detail}".rstrip(": "))
 
 
 # --- request helpers ---------------------------------------------------------------

@@ -18,8 +18,8 @@ import orjson
 from accounting import usage as usage_mod
 from accounting.records import Usage
 from relay import errors as E
-from relay.errors import GatewayError
-from relay.proxy import Exchange
+from relay.errors import ANTHROPIC, OPENAI, GatewayError
+from relay.proxy import NOT_COPIED, UPSTREAM_IDS, Exchange
 from relay.sse import SSEFramer, fields
 from relay.translate import chat_anthropic as ca
 from relay.translate import errors as te
@@ -27,7 +27,7 @@ from relay.translate import responses as rs
 from relay.translate import stream_chat_anthropic as sca
 from relay.translate import stream_responses as sr
 from relay.translate.common import TranslationError, custom_tool_names
-from relay.upstream import HOP_BY_HOP
+from relay.upstream_errors import client_headers_all, status_error
 
 JSON = dict[str, Any]
 
@@ -126,24 +126,34 @@ def build_body(plan: Plan, body: JSON, upstream_model: str, stream: bool) -> byt
 
 
 class TranslatingExchange(Exchange):
-    __slots__ = ("client_model", "plan", "req_body", "stream_mapper")
+    __slots__ = ("client_model", "plan", "plan_protocol", "req_body", "stream_mapper")
 
     def __init__(self, gw: Any, client: Any, route: Any, stream: bool,
                  headers_out: list[tuple[bytes, bytes]], plan: Plan, model: str,
                  req_body: JSON) -> None:
         super().__init__(gw, client, route, 1 if stream else 0, headers_out)
         self.plan = plan
+        self.plan_protocol = ANTHROPIC if plan.upstream_protocol == "anthropic" else OPENAI
         self.client_model = model
         self.req_body = req_body
         self.stream_mapper: _Feed | None = plan.stream(model, req_body) if stream else None
 
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         if not self._head(status):
+            self._held(headers)
             return
         out = self.headers_out
+        kept = []
         for k, v in headers:
-            if k not in HOP_BY_HOP and k != b"content-type":
-                out.append((k, v))
+            if k not in NOT_COPIED and k != b"content-type":
+                kept.append((k, v))
+            elif k in UPSTREAM_IDS:
+                self.upstream_rid = v
+        # The upstream's rate-limit headers in the client's names; the gateway's own
+        # (already in headers_out, from the key's limits) win over a provider's.
+        ours = {k for k, _ in out}
+        out.extend(h for h in client_headers_all(kept, self.plan_protocol, self.protocol)
+                   if h[0] not in ours)
         if status >= 400 or self.stream_mapper is None:
             self.mode = 0  # buffered: translated whole at on_done
             return
@@ -176,9 +186,8 @@ class TranslatingExchange(Exchange):
     def on_done(self) -> None:
         self.upstream = None
         if self.error_body is not None and self.error is None:
-            from relay.proxy import _upstream_status_error
-
-            self.error = _upstream_status_error(self.upstream_status, b"".join(self.error_body))
+            self.error = status_error(self.upstream_status, b"".join(self.error_body),
+                                      self.error_headers, self.plan_protocol, self.protocol)
         elif self.started and self.stream_mapper is not None:
             tail = self.stream_mapper.finish()
             if tail:
