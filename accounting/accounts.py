@@ -34,7 +34,7 @@ from accounting.store import Conflict, NotFound, StoreError
 Conn = Any
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
-MIN_PASSWORD = 8
+MIN_PASSWORD = 8  # the messages of check_password say these figures
 MAX_PASSWORD = 1024  # argon2 takes any length; bound the work an attacker can ask for
 CODE_TTL = timedelta(minutes=30)
 SETUP_TTL = timedelta(days=7)
@@ -92,9 +92,9 @@ def normalize_email(email: str) -> str:
 
 def check_password(password: str) -> str:
     if len(password) < MIN_PASSWORD:
-        raise AccountError(f"The password must have at least {MIN_PASSWORD} characters")
+        raise AccountError("The password must have at least 8 characters")
     if len(password) > MAX_PASSWORD:
-        raise AccountError(f"The password must have at most {MAX_PASSWORD} characters")
+        raise AccountError("The password must have at most 1024 characters")
     return password
 
 

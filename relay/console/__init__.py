@@ -80,9 +80,9 @@ class Console:
         self.mailer = Mailer(a)
         self.terms = growth.Terms.of(gw.cfg.growth)
         self.router = Router(self)
-        from relay.console import auth, home
+        from relay.console import auth, home, keys, public, usage, wallet
 
-        for module in (auth, home):
+        for module in (auth, home, keys, usage, wallet, public):
             module.routes(self)
 
     @property
