@@ -327,6 +327,13 @@ def test_anthropic_stream_custom_input_unusual_json(arguments: str) -> None:
     assert deltas == done == expected
 
 
+def test_anthropic_stream_custom_input_bad_escape_is_passed_on() -> None:
+    """Invalid JSON from the upstream never wedges the stream: the characters go on as sent."""
+    events = _run_anthropic_to_responses(['{"input": "a\\uZZZZ', 'b\\ud83dxxxxxxxx', 'c"}'])
+    deltas, done, _ = _custom_events(events)
+    assert deltas == done == "a\\uZZZZb\\ud83dxxxxxxxxc"
+
+
 def test_anthropic_stream_function_tool_unchanged_next_to_custom() -> None:
     mapper = AnthropicToResponsesStream("gpt-5.5", custom_tools=frozenset({"apply_patch"}))
     raw = b"".join(mapper.feed(e, d) for e, d in _anthropic_stream(['{"cmd": "ls"}'], name="exec_command"))

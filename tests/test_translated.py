@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anthropic
 import asyncpg
 import openai
@@ -141,3 +143,29 @@ async def test_translated_errors_keep_the_client_protocol(gw: Harness) -> None:
                                               messages=[{"role": "user", "content": "hi"}],
                                               extra_headers={"x-mock-status": "400"})
     assert oinfo.value.code == "invalid_request_error" or oinfo.value.type == "invalid_request_error"
+
+
+async def test_openai_sdk_custom_tool_to_anthropic_channel(gw: Harness) -> None:
+    """A chat client's custom (freeform) tool on an Anthropic channel: sent as a tool with one
+    string property, answered as a custom tool call holding the raw text, whole and streamed."""
+    _, _, secret = await gw.user_and_key()
+    patch = '*** Begin Patch\n*** Add File: a.txt\n+"quoted" \\ \u00e9\n*** End Patch\n'
+    messages: Any = [{"role": "user", "content": "please use the tool apply_patch\n" + patch}]
+    tools: Any = [{"type": "custom", "custom": {"name": "apply_patch", "description": "Edit files",
+                                                "format": {"type": "grammar", "grammar": {
+                                                    "syntax": "lark", "definition": "start: /.+/s"}}}}]
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0) as client:
+        resp = await client.chat.completions.create(model="claude-sonnet-4-6", messages=messages, tools=tools)
+        call: Any = (resp.choices[0].message.tool_calls or [])[0]
+        assert call.type == "custom" and (call.custom.name, call.custom.input) == ("apply_patch", patch)
+        sent = gw.mock.stats.last_body["tools"][0]
+        assert sent["input_schema"]["required"] == ["input"] and "start: /.+/s" in sent["description"]
+        stream = await client.chat.completions.create(model="claude-sonnet-4-6", messages=messages, tools=tools,
+                                                      stream=True, extra_body={"mock": {"chunks": 9}})
+        pieces, kinds = [], []
+        async for chunk in stream:
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                custom = (tc.model_extra or {}).get("custom") or {}
+                kinds.append(tc.type)
+                pieces.append(custom.get("input") or "")
+    assert kinds[0] == "custom" and "".join(pieces) == patch and len(pieces) > 2

@@ -41,6 +41,7 @@ from relay.translate.errors import (
 
 _CUSTOM_HEAD = '{"' + CUSTOM_INPUT + '":"'
 _STRING_STOP = re.compile(r'[\\"]')
+_HIGH_SURROGATE = frozenset({"d8", "d9", "da", "db"})  # first two hex digits of \uD800-\uDBFF
 _HEAD, _BODY, _TAIL, _WHOLE = range(4)
 
 
@@ -106,7 +107,7 @@ class CustomInputDecoder:
                 text = text[:at]
                 break
             need = 6 if text[at + 1:at + 2] == "u" else 2
-            if at + need <= len(text) and need == 6 and 0xD800 <= int(text[at + 2:at + 6], 16) <= 0xDBFF:
+            if need == 6 and at + need <= len(text) and text[at + 2:at + 4].lower() in _HIGH_SURROGATE:
                 need = 12  # a high surrogate decodes only with its low half
             if at + need > len(text):
                 end = at
