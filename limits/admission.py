@@ -35,6 +35,7 @@ no leased capacity yet: the caller awaits `limiter.refill(key)` and admits again
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import math
 import time
@@ -58,6 +59,11 @@ _INF = math.inf
 _CONC_RETRY_S = 1.0  # no natural clock for a slot to free; a short, honest hint
 # Outcomes of Limiter._fits.
 _FITS, _SHORT, _REFILL, _DEGRADED, _UNKNOWN = 1, 0, -1, -2, -3
+# Set by `refill` in the awaiting request's context, read (and cleared) by its next
+# `admit`: a request that waited for a sync may take the slots and money that sync got
+# for the waiters; a request arriving meanwhile may not (it would take them and send the
+# waiter to another round, again and again while capacity is tight).
+_WAITED: contextvars.ContextVar[bool] = contextvars.ContextVar("tollway_limits_waited", default=False)
 
 
 def check_workers(cfg: LimitsConfig, workers: int) -> str | None:
@@ -178,12 +184,17 @@ class Scope:
 
     __slots__ = (
         "blk",
-        "conc_empty_until",
+        "cdeny",
+        "cdeny_until",
+        "chold",
         "conc_held",
+        "cwait",
         "db",
         "debt",
+        "demand_until",
         "flushed",
         "held",
+        "hold_until",
         "id",
         "inflight",
         "ips",
@@ -194,8 +205,10 @@ class Scope:
         "limit",
         "lr",
         "lt",
+        "mhold",
         "money",
         "money_empty_until",
+        "mwait",
         "nextfill",
         "owner",
         "quota_v",
@@ -205,8 +218,10 @@ class Scope:
         "rpm_empty_until",
         "rt",
         "rts",
+        "short_since",
         "tcap",
         "touched",
+        "transient",
         "tt",
         "tts",
         "unflushed",
@@ -238,13 +253,26 @@ class Scope:
         self.lc = self.lr = self.lt = 0  # limits as last seen, for the background sync
         self.money = False  # budget leased for this scope
         self.owner = 0  # a key scope's user id
-        self.conc_empty_until = 0.0
+        # Waiters a sync found the limit full for (every slot in use on every worker):
+        # that many admissions are denied, no more (a slot freed anywhere is not seen
+        # here without asking Redis).
+        self.cdeny = 0
+        self.cdeny_until = 0.0
         self.rpm_empty_until = 0.0
         self.money_empty_until = 0.0
         self.blk = 1  # lease block multiplier: doubles while the scope refills often
         self.refill_at = 0.0  # when the scope was last topped up
         self.nextfill = 0.0  # no prefetch before this (Redis had less than asked)
         self.ks: KeyState | None = None  # key state its shared limits were taken from
+        self.cwait = 0  # admissions that waited for a slot since the last sync
+        self.mwait = 0  # their reservations (nano-USD), when money was what they lacked
+        self.demand_until = 0.0  # some worker waits on this scope: hold no more than needed
+        self.transient = False  # last sync was short, but other workers may hand back
+        self.short_since = 0  # Redis ms its waiters have been short since (0: they are not)
+        # Waiters a sync has just served, until they admit (or hold_until passes).
+        self.chold = 0
+        self.mhold = 0
+        self.hold_until = 0.0
 
 
 class Lease:
@@ -320,6 +348,7 @@ class Limiter:
         redis_prefix: str = "tollway:",
         lease_ttl_s: float = 10.0,
         sync_interval_s: float = 0.05,
+        heartbeat_s: float = 1.0,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -339,7 +368,8 @@ class Limiter:
         if cfg.redis_url:
             from limits.shared import Shared
 
-            self.shared = Shared(self, cfg.redis_url, redis_prefix, lease_ttl_s, sync_interval_s)
+            self.shared = Shared(self, cfg.redis_url, redis_prefix, lease_ttl_s, sync_interval_s,
+                                 heartbeat_s)
 
     # -- lifecycle (shared mode) --
 
@@ -373,6 +403,7 @@ class Limiter:
                     self.apply_plan_snapshot(key.plan_id, remaining)
         if self.shared is not None:
             await self.shared.refill_now(key, k, u, p)
+            _WAITED.set(True)
 
     # -- snapshots from the system of record --
 
@@ -543,9 +574,27 @@ class Limiter:
         # every other check, so that one refill learns all this request needs (relay
         # admits at most three times).
         pending = False
+        kwait = uwait = waited = False
         if leased:
-            if k.conc_held <= k.inflight or (uc and u.conc_held <= u.inflight):
-                if now < k.conc_empty_until or now < u.conc_empty_until:
+            waited = _WAITED.get()
+            if waited:
+                _WAITED.set(False)
+            if waited or now >= k.hold_until:
+                kwait = k.conc_held <= k.inflight
+            else:
+                kwait = k.conc_held - k.chold <= k.inflight
+            if waited or now >= u.hold_until:
+                uwait = bool(uc) and u.conc_held <= u.inflight
+            else:
+                uwait = bool(uc) and u.conc_held - u.chold <= u.inflight
+            if kwait or uwait:
+                kd = kwait and k.cdeny > 0 and now < k.cdeny_until
+                ud = uwait and u.cdeny > 0 and now < u.cdeny_until
+                if kd or ud:
+                    if kd:
+                        k.cdeny -= 1
+                    if ud:
+                        u.cdeny -= 1
                     return self._deny(_rate_denial(
                         "concurrency", "concurrency limit reached", _CONC_RETRY_S,
                         (0, 0, 0.0, 0, 0, 0.0),
@@ -629,12 +678,13 @@ class Limiter:
         cap_nano = key.cap_nano
         k.limit = cap_nano
         m = u
+        short: list[Scope] = []  # money scopes this admission waits on (shared mode)
         if key.plan_id:
             p = self.plans.get(key.plan_id)
             if p is None:
                 p = self.plans[key.plan_id] = Scope("p", key.plan_id, now)
             p.touched = now
-            fit = self._fits(p, reserve_nano, now)
+            fit = self._fits(p, reserve_nano, now, waited)
             if fit == _FITS:
                 m = p
             elif fit == _SHORT:
@@ -643,11 +693,12 @@ class Limiter:
                                              reason="plan_credit"))
             elif fit == _REFILL:
                 pending = True
+                short.append(p)
                 m = p
             else:
                 return self._undecided(fit, "plan credit not loaded yet")
         for s in ((k, m) if cap_nano else (m,)):
-            fit = self._fits(s, reserve_nano, now)
+            fit = self._fits(s, reserve_nano, now, waited)
             if fit == _SHORT:
                 if s is m and m is not u:
                     return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted",
@@ -655,9 +706,18 @@ class Limiter:
                 return self._quota_denial(s is k)
             if fit == _REFILL:
                 pending = True
+                if s not in short:
+                    short.append(s)
             elif fit != _FITS:
                 return self._undecided(fit, "balance not loaded yet")
         if pending:
+            # What this admission waits for, so that the next sync asks for all waiters.
+            if kwait:
+                k.cwait += 1
+            if uwait:
+                u.cwait += 1
+            for s in short:
+                s.mwait += reserve_nano
             return None
 
         # Commit.
@@ -680,16 +740,27 @@ class Limiter:
         m.reserved += reserve_nano
         self.inflight += 1
         if shared is not None:
+            if waited:  # it took what a sync held for the waiters
+                if k.chold:
+                    k.chold -= 1
+                if u.chold:
+                    u.chold -= 1
+                if m.mhold:
+                    m.mhold = max(0, m.mhold - reserve_nano)
+                if cap_nano and k.mhold:
+                    k.mhold = max(0, k.mhold - reserve_nano)
             shared.after_admit(key, k, u, m)
         return Lease(self, k, u, reserve_nano if cap_nano else -reserve_nano,
                      (lim_r, rem_r, reset_r, lim_t, rem_t, reset_t), m)
 
-    def _fits(self, s: Scope, reserve: int, now: float) -> int:
+    def _fits(self, s: Scope, reserve: int, now: float, waited: bool = False) -> int:
         """Whether `reserve` fits the money scope `s` (_FITS, _SHORT), or why that is not
         known yet (_REFILL: await refill; _DEGRADED: Redis away; _UNKNOWN: no snapshot)."""
         if self.shared is not None:
             # Leased budget only; in safe mode no new slice can be had.
             avail = s.held - s.reserved
+            if not waited and now < s.hold_until:
+                avail -= s.mhold  # got for requests that waited: theirs first
             if reserve <= avail and avail > 0:
                 return _FITS
             s.last_reserve = reserve
@@ -747,4 +818,4 @@ class Limiter:
                 if shared and s.lt:
                     s.debt += tokens
         if self.shared is not None:
-            self.shared.after_release(k, u)
+            self.shared.after_release(k, u, m)

@@ -16,20 +16,40 @@ that talks to Redis for leases):
   debits of one round travel in one pipeline, so 64 requests waiting on one scope cost
   one round trip, not 64;
 - returns lazily: surplus concurrency beyond two blocks goes back on the next periodic
-  round, money beyond twice the target slice too, everything once the scope is idle.
+  round, money beyond twice the target slice too, everything once the scope is idle;
+- hands back on demand: a worker whose admissions wait for capacity that Redis does not
+  have free marks the scope wanted (`<prefix>d`, a sorted set); every worker reads that
+  set with its heartbeat each interval and, for each wanted scope it holds, keeps only
+  what its own requests use (and its own waiters need) and reports that. While a scope
+  is wanted nobody prefetches for it. The waiting worker's refill waits for those
+  answers (at most `_PATIENCE_S`): its waiters are denied only once every live holder
+  has answered with nothing unused, i.e. when the key really is at its limit.
 It never decides admission itself.
+
+Why hand-back and not blocks alone: a block that doubles with traffic (up to 64 x
+lease_block) let one busy worker hold every slot of a key it was not using, returned
+only after a second of idleness; another worker (a fresh one after a restart, or one
+whose clients arrived later) was then denied "concurrency limit reached" far under the
+limit, for as long as the first stayed busy. Now a worker holds, beyond what it uses, at
+most its share of the room nobody uses, and gives even that back when another waits.
 
 One Redis hash per scope (`<prefix>s:k<id>` / `s:u<id>` / `s:p<id>`), changed only by
 atomic Lua scripts that read Redis' own clock:
-- concurrency: field `c:<worker>` = slots that worker holds; a grant never lets the sum
-  exceed the limit. `x:<worker>` is the worker's lease expiry: a dead worker's slots and
-  money claim vanish after `lease_ttl_s` (live workers renew every ttl/4).
+- concurrency: field `c:<worker>` = slots that worker holds, `i:<worker>` how many it
+  used at its last sync, `t:<worker>` when (Redis ms); a grant never lets the sum exceed
+  the limit. A worker is alive while its heartbeat (`<prefix>w`, worker -> expiry, sent
+  every sync interval, valid `heartbeat_s`, 1 s) lasts: a dead worker's slots are free
+  again within about a second of a kill -9. `x:<worker>` is the worker's money claim
+  expiry: its money claim (`h:` leased slice, `m:` settled but not yet in a snapshot)
+  vanishes after `lease_ttl_s` (live workers renew every ttl/4), because settled spend
+  of a dead worker reaches Postgres only once its journal is replayed.
+- demand: `de` = until when the scope is wanted (Redis ms).
 - RPM: one token bucket (`rt`, `rts`); a worker takes up to a block of tokens.
 - TPM: one bucket (`tt`, `tts`) debited by settled tokens, pushed every sync interval.
 - money: `db` = the Postgres snapshot (user: balance; key: -spent; plan: remaining; cap
   passed per call), `v` = its version (wall time of the read; older snapshots never
-  replace newer ones), `m:<worker>` = money that worker has leased, spent-but-unflushed,
-  or flushed but not yet visible in a snapshot. available = cap + db - sum(claims). A
+  replace newer ones), `h:<worker>` + `m:<worker>` = money that worker has leased (h),
+  spent-but-unflushed or flushed but not yet visible in a snapshot (m). available = cap + db - sum(claims). A
   worker spends only from its leased slice, and beyond what the waiting request needs a
   worker's claim grows to at most 1/N of what other workers leave (N = the limiter's
   worker count), so one worker's prefetched slice cannot starve the others into a 402. A Redis flush or
@@ -39,8 +59,9 @@ atomic Lua scripts that read Redis' own clock:
 The script reads the scope's hash once: O(fields) = O(workers holding the scope).
 
 Over-admission bound. Concurrency and budgets are moved, not copied, so leasing adds no
-over-admission while workers live (a worker paused past the TTL may over-admit by what
-it held). RPM: tokens are taken from the shared bucket before use, so over any interval a
+over-admission while workers live (a worker whose event loop stalls past the heartbeat
+TTL may over-admit concurrency by the slots it held, until its next sync; past the lease
+TTL, money too). RPM: tokens are taken from the shared bucket before use, so over any interval a
 key admits at most what one process's bucket would, plus the tokens live workers held at
 the interval's start: at most N x max(lease_block, rpm / 60) for N workers (an RPM
 block grows to at most one second of the limit's rate, never below lease_block; idle
@@ -75,31 +96,83 @@ if TYPE_CHECKING:
     from limits.admission import Limiter, Scope
 
 _SYNC = r"""
-local key, w = KEYS[1], ARGV[1]
+local key, beats, wanted, w = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HGETALL', key)
 local f = {}
 for i = 1, #h, 2 do f[h[i]] = h[i + 1] end
-local oc, om = 0, 0
+local de = tonumber(f['de'] or '0')
+-- Waiters here have been short since this instant (ms, Redis time; 0: new shortage).
+local since = tonumber(ARGV[21])
+if since == 0 then since = now end
+local oc, oi, om, holders, csur = 0, 0, 0, 1, 0
+local chat, mhat = {}, {}  -- when each live holder of slots / of money last synced
 for name, v in pairs(f) do
   if string.sub(name, 1, 2) == 'x:' then
     local who = string.sub(name, 3)
     if who ~= w then
       if tonumber(v) < now then
-        redis.call('HDEL', key, name, 'c:' .. who, 'm:' .. who)
+        redis.call('HDEL', key, name, 'c:' .. who, 'i:' .. who, 't:' .. who, 'h:' .. who, 'm:' .. who)
       else
-        oc = oc + tonumber(f['c:' .. who] or '0')
-        om = om + tonumber(f['m:' .. who] or '0')
+        local c = tonumber(f['c:' .. who] or '0')
+        local at = tonumber(f['t:' .. who] or '0')
+        local hh = tonumber(f['h:' .. who] or '0')
+        if tonumber(redis.call('HGET', beats, who) or '0') < now then
+          -- No heartbeat: the worker is dead (or stalled past the heartbeat TTL). Its
+          -- slots are free now; its money claim stays until x: expires (it may hold
+          -- settled spend not yet in Postgres).
+          if c > 0 then redis.call('HDEL', key, 'c:' .. who, 'i:' .. who) end
+        else
+          local i = tonumber(f['i:' .. who] or '0')
+          oc = oc + c
+          oi = oi + i
+          holders = holders + 1
+          if c > i then csur = csur + c - i end
+          if c > 0 then chat[#chat + 1] = at end
+          if hh > 0 then mhat[#mhat + 1] = at end
+        end
+        om = om + hh + tonumber(f['m:' .. who] or '0')
       end
     end
   end
 end
+local active = de >= now
+local function demand()
+  -- Waiters here that this worker cannot serve: every holder hands back what it does
+  -- not use (they poll the `wanted` set) and no one prefetches while it lasts.
+  de = now + tonumber(ARGV[20])
+  redis.call('HSET', key, 'de', string.format('%d', de))
+  redis.call('ZADD', wanted, de, key)
+  active = true
+end
+local function unanswered(ats)
+  -- Some holder has not synced since these waiters began to wait: it may hand back.
+  for _, at in ipairs(ats) do
+    if at <= since then return true end
+  end
+  return false
+end
 local climit, cwant, cmin = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local cgrant = cwant
-if climit > 0 and cgrant > climit - oc then cgrant = climit - oc end
+local inflight, cneed = tonumber(ARGV[18]), tonumber(ARGV[19])
+local cgrant, cwait = cwant, 0
+if climit > 0 then
+  -- Beyond what it needs, a worker holds at most its share of the room nobody uses.
+  local spare = math.floor((climit - oi - inflight) / holders)
+  if active or spare < 0 then spare = 0 end
+  local most = inflight + spare
+  if most < cneed then most = cneed end
+  if cgrant > most then cgrant = most end
+  if cgrant > climit - oc then cgrant = climit - oc end
+end
 if cgrant < cmin then cgrant = cmin end
-redis.call('HSET', key, 'c:' .. w, string.format('%d', cgrant))
+if climit > 0 and cgrant < cneed then
+  demand()
+  -- Decided only once every live holder has answered this demand with no slot unused.
+  if csur > 0 or unanswered(chat) then cwait = 1 end
+end
+redis.call('HSET', key, 'c:' .. w, string.format('%d', cgrant),
+  'i:' .. w, string.format('%d', inflight), 't:' .. w, string.format('%d', now))
 local rpm, rwant, rret = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[14])
 local rgrant, rwait, rleft = 0, 0, -1
 if rpm > 0 then
@@ -124,27 +197,56 @@ if tpm > 0 then
   redis.call('HSET', key, 'tt', string.format('%.17g', lev), 'tts', string.format('%d', now))
   tlev = math.floor(lev)
 end
-local known, mgrant, mavail = 0, 0, 0
-local base = tonumber(ARGV[12])
+local known, mgrant, mavail, mwait = 0, 0, 0, 0
+local held, spent = tonumber(ARGV[12]), tonumber(ARGV[17])
+local base = held + spent
 if ARGV[10] == '1' and f['db'] then
   known = 1
   local pool = tonumber(ARGV[11]) + tonumber(f['db']) - om
   local avail = pool - base
   mgrant = tonumber(ARGV[13])
   local need, peers = tonumber(ARGV[15]), tonumber(ARGV[16])
-  if peers > 1 and mgrant > need then
+  if mgrant > need and (active or peers > 1) then
     local share = math.floor(pool / peers) - base
-    if share < need then share = need end
+    if active or share < need then share = need end
     if mgrant > share then mgrant = share end
   end
   if mgrant > avail then mgrant = avail end
   if mgrant < 0 then mgrant = 0 end
   mavail = avail - mgrant
+  if mgrant < need then
+    demand()
+    if unanswered(mhat) then mwait = 1 end
+  end
 end
-redis.call('HSET', key, 'm:' .. w, string.format('%.0f', base + mgrant))
+redis.call('HSET', key, 'h:' .. w, string.format('%.0f', held + mgrant),
+  'm:' .. w, string.format('%.0f', spent))
 redis.call('HSET', key, 'x:' .. w, string.format('%d', now + tonumber(ARGV[2])))
 redis.call('PEXPIRE', key, 86400000)
-return {cgrant, rgrant, rwait, rleft, tlev, known, mgrant, mavail, f['v'] or '0'}
+local dleft = 0
+if active then dleft = de - now end
+return {cgrant, rgrant, rwait, rleft, tlev, known, mgrant, mavail, f['v'] or '0', cwait, mwait,
+  dleft, since}
+"""
+
+# The heartbeat, sent every sync interval, also answers which scopes are wanted: scopes
+# where some worker has admissions waiting that it cannot serve (see `_SYNC`'s demand).
+_BEAT = r"""
+local beats, wanted = KEYS[1], KEYS[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', beats, ARGV[1], string.format('%d', now + tonumber(ARGV[2])))
+redis.call('PEXPIRE', beats, 86400000)
+if ARGV[3] == '1' then
+  local all = redis.call('HGETALL', beats)
+  for i = 1, #all, 2 do
+    if tonumber(all[i + 1]) < now - 60000 then redis.call('HDEL', beats, all[i]) end
+  end
+end
+redis.call('ZREMRANGEBYSCORE', wanted, '-inf', now)
+local out = redis.call('ZRANGE', wanted, 0, -1, 'WITHSCORES')
+table.insert(out, 1, string.format('%d', now))
+return out
 """
 
 _SNAPSHOT = r"""
@@ -161,6 +263,8 @@ _CLOCK_MARGIN_S = 2.0  # a flush counts as in a snapshot only if read this long 
 _IDLE_S = 1.0  # an idle scope hands its capacity back after this
 _GROW_S = 1.0  # a top-up this soon after the previous one doubles the scope's block
 _MAX_GROWTH = 64  # a block grows to at most this many times limits.lease_block
+_DEMAND_S = 0.5  # a shortage with waiters keeps every holder handing back this long
+_PATIENCE_S = 1.0  # a refill waits this long at most for other workers to hand back
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -168,12 +272,18 @@ class Shared:
     """The background half of shared mode: lease, renew, return, push TPM debits."""
 
     def __init__(
-        self, limiter: Limiter, url: str, prefix: str, ttl_s: float, interval_s: float
+        self, limiter: Limiter, url: str, prefix: str, ttl_s: float, interval_s: float,
+        heartbeat_s: float = 1.0,
     ) -> None:
         self.lim = limiter
         self.url = url
         self.prefix = prefix
         self.ttl_ms = int(ttl_s * 1000)
+        self.beat_ms = int(min(heartbeat_s, ttl_s) * 1000)
+        self._beats = f"{prefix}w"
+        self._wanted = f"{prefix}d"
+        self._last_beat = 0.0
+        self._last_sweep = 0.0
         self.interval = interval_s
         self.block = max(1, limiter.cfg.lease_block)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -182,6 +292,7 @@ class Shared:
         )
         self._sync = self.redis.register_script(_SYNC)
         self._snap = self.redis.register_script(_SNAPSHOT)
+        self._beat = self.redis.register_script(_BEAT)
         # Scopes below their low-water mark (or waited on): top them up, growing money
         # slices only for these (a slice leased ahead of need is money others cannot use).
         self._want: set[Scope] = set()
@@ -252,13 +363,19 @@ class Shared:
             return True
         return False
 
-    def after_release(self, k: Scope, u: Scope) -> None:
+    def after_release(self, k: Scope, u: Scope, m: Scope) -> None:
         # Surplus slots beyond two blocks go back on the next periodic round, not now: a
-        # burst that ends is often followed by another.
+        # burst that ends is often followed by another. While another worker waits on the
+        # scope (demand), whatever is free goes back on the next round.
         if k.conc_held - k.inflight > 2 * self.block * k.blk:
             self._dirty.add(k)
         if u.lc and u.conc_held - u.inflight > 2 * self.block * u.blk:
             self._dirty.add(u)
+        if k.demand_until or u.demand_until or m.demand_until:
+            now = self.lim.clock()
+            for s in (k, u, m):
+                if s.demand_until > now:
+                    self._dirty.add(s)
 
     def snapshot(self, s: Scope, as_of: float) -> None:
         self._versions[s] = as_of
@@ -310,6 +427,7 @@ class Shared:
         # pipeline holding a script with a SCRIPT EXISTS round trip.
         await self.redis.script_load(_SYNC)
         await self.redis.script_load(_SNAPSHOT)
+        await self.redis.script_load(_BEAT)
 
     @staticmethod
     def _resolve(fut: asyncio.Future[None] | None) -> None:
@@ -323,22 +441,33 @@ class Shared:
         when the background task is gone (the caller's next admit then decides).
         """
         self._limits(key, k, u, p)
-        task = self._task
-        if self.lim.degraded or task is None or task.done() or self._closing:
-            return
         self.waits += 1
-        for s in (k, u) if p is None else (k, u, p):
-            if not s.last_reserve:
-                s.last_reserve = 1
-            s.nextfill = 0.0
-            self._want.add(s)
-            self._urgent.add(s)
-        fut = self._next
-        if fut is None:
-            fut = self._next = asyncio.get_running_loop().create_future()
-        self._wake.set()
-        # shield: a cancelled waiter (client gone) must not cancel the others' round.
-        await asyncio.shield(fut)
+        scopes = (k, u) if p is None else (k, u, p)
+        deadline = self.lim.clock() + _PATIENCE_S
+        first = True
+        while True:
+            task = self._task
+            if self.lim.degraded or task is None or task.done() or self._closing:
+                return
+            for s in scopes:
+                if not s.last_reserve:
+                    s.last_reserve = 1
+                s.nextfill = 0.0
+                self._want.add(s)
+                if first:
+                    self._urgent.add(s)
+            fut = self._next
+            if fut is None:
+                fut = self._next = asyncio.get_running_loop().create_future()
+            if first:
+                # Later rounds come with the timer: the other workers answer a demand
+                # on their next tick, so asking sooner would only spin.
+                self._wake.set()
+                first = False
+            # shield: a cancelled waiter (client gone) must not cancel the others' round.
+            await asyncio.shield(fut)
+            if not any(s.transient for s in scopes) or self.lim.clock() >= deadline:
+                return
 
     async def _rebuild(self, s: Scope) -> None:
         """Redis has no snapshot for this scope (new, flushed or restarted): seed it."""
@@ -398,21 +527,35 @@ class Shared:
         for s in scopes:
             idle = final or (s.inflight == 0 and now - s.touched > _IDLE_S)
             wanted = s in want
+            # Another worker waits on this scope: hold only what is needed, no prefetch.
+            yielding = s.demand_until > now
             if idle:
                 s.blk = 1
                 s.refill_at = 0.0
             elif wanted:
                 # Adapt: a scope that needs a top-up again soon after the last one (or
                 # whose admission had to wait for one) gets twice the block.
-                if s.refill_at and (s in urgent or now - s.refill_at < _GROW_S):
+                if s.refill_at and not yielding and (s in urgent or now - s.refill_at < _GROW_S):
                     s.blk = min(s.blk * 2, _MAX_GROWTH)
                 s.refill_at = now
             b = block * s.blk
             # concurrency: lower first (so local admissions during the await stay covered)
+            cwaiting = s.cwait
+            # Admissions waiting for a slot count too, and so do waiters a round has
+            # just decided that have not run yet: a hand-back must not take theirs.
+            chold = mhold = 0
+            if now < s.hold_until:
+                chold, mhold = s.chold, s.mhold
+            cneed = s.inflight + cwaiting + chold
             cwant = 0
             if s.lc and not idle:
                 surplus = s.conc_held - s.inflight
-                cwant = s.inflight + b if wanted or surplus > 2 * b else s.conc_held
+                if yielding:
+                    cwant = cneed
+                elif wanted or surplus > 2 * b:
+                    cwant = max(s.inflight + b, cneed)
+                else:
+                    cwant = max(s.conc_held, cneed)
             if s.conc_held > cwant:
                 s.conc_held = max(cwant, s.inflight)
             cmin = s.conc_held
@@ -435,24 +578,32 @@ class Shared:
                 s.held = 0  # overspend is already in unflushed, which the claim counts
             free = s.held - s.reserved
             mwant = need = 0
+            waiting = s.mwait  # reservations of admissions waiting for this round
             if s.money:
                 lr = max(s.last_reserve, 1)
-                target = 0 if idle else lr * b
-                if free > target * 2 or (idle and free > 0):
-                    ret = free - target if not idle else free
-                    s.held -= ret
-                elif free < target and wanted:
-                    mwant = target - free
-                    need = max(0, lr - free)
-            base = s.held + s.unflushed + sum(a for _, a in s.flushed)
+                if idle:
+                    target = 0
+                elif yielding:
+                    target = waiting + mhold
+                else:
+                    target = max(lr * b, waiting + mhold)
+                if free > target * 2 or ((idle or yielding) and free > target):
+                    s.held -= free - target
+                elif free < target and (wanted or waiting):
+                    # All the waiters ask, whatever is free now: requests arriving while
+                    # the round is out may take that.
+                    need = waiting
+                    mwant = max(target - free, need)
+            spent = s.unflushed + sum(a for _, a in s.flushed)
             debit = s.debt
             s.debt = 0
             pipe.evalsha(
-                self._sync.sha, 1, self._name(s),
+                self._sync.sha, 3, self._name(s), self._beats, self._wanted,
                 self.worker, self.ttl_ms, s.lc, cwant, cmin, s.lr, rwant, s.lt, debit,
-                1 if s.money else 0, s.limit, base, mwant, rret, need, lim.peers,
+                1 if s.money else 0, s.limit, s.held, mwant, rret, need, lim.peers, spent,
+                s.inflight, cneed, int(_DEMAND_S * 1000), s.short_since,
             )
-            sent.append((s, debit, cwant, rwant, mwant, wanted))
+            sent.append((s, debit, cwant, rwant, mwant, wanted, cneed, need, cwaiting, waiting))
             want.discard(s)
             urgent.discard(s)
         self.rounds += 1
@@ -460,7 +611,7 @@ class Shared:
             results = await pipe.execute()
         except NoScriptError:
             # Redis lost its scripts (restart, SCRIPT FLUSH): nothing of this round ran.
-            for s, debit, *_, wanted in sent:
+            for s, debit, _, _, _, wanted, *_ in sent:
                 s.debt += debit
                 if wanted:
                     want.add(s)
@@ -474,14 +625,24 @@ class Shared:
             raise
         unknown = []
         now = lim.clock()
-        for (s, _, cwant, rwant, mwant, _), r in zip(sent, results[nsnaps:], strict=True):
-            cgrant, rgrant, rwait, rleft, tlev, known, mgrant, mavail, ver = r
+        for (s, _, cwant, rwant, mwant, _, cneed, need, cwaiting, waiting), r in zip(
+            sent, results[nsnaps:], strict=True
+        ):
+            cgrant, rgrant, rwait, rleft, tlev, known, mgrant, mavail, ver, cwait, mwait, dleft, since = r
             short = False
+            s.transient = False  # (set only here: a waiter reads it once its round is done)
             s.conc_held = int(cgrant)
+            s.demand_until = now + int(dleft) / 1000 if int(dleft) > 0 else 0.0
             if s.lc and s.conc_held < cwant:
                 short = True
-                if s.conc_held <= s.inflight:  # Redis refused: the limit is reached
-                    s.conc_empty_until = now + 0.05
+                if s.conc_held < cneed:
+                    if int(cwait):
+                        s.transient = True  # another worker holds slots it may hand back
+                    else:
+                        # Every slot is in use: the limit. The waiters that got none
+                        # are denied (they run next), and no other admission.
+                        s.cdeny = cneed - s.conc_held
+                        s.cdeny_until = now + _PATIENCE_S
             if s.lr:
                 s.rt += int(rgrant)
                 s.rleft = int(rleft)
@@ -498,7 +659,12 @@ class Shared:
                     s.held += int(mgrant)
                     if int(mgrant) < mwant:
                         short = True
-                    if s.held - s.reserved < max(s.last_reserve, 1) and int(mavail) <= 0:
+                    if int(mgrant) < need and int(mwait):
+                        s.transient = True  # another worker holds money it may hand back
+                    elif (int(mgrant) < need or s.held - s.reserved < max(s.last_reserve, 1)) \
+                            and int(mavail) <= 0:
+                        # The budget cannot cover what waits: a 402 until a release here,
+                        # or until this lapses.
                         s.money_empty_until = now + 0.5
                 else:
                     unknown.append(s)
@@ -509,6 +675,18 @@ class Shared:
                     s.flushed = kept
                     if s.money:
                         self._dirty.add(s)  # lower the claim on the next round
+            s.short_since = int(since) if s.transient else 0
+            if not s.transient and s not in unknown:
+                # Decided: these waiters now admit or are denied. Short but transient, they
+                # wait for the next round and still count (so do newcomers meanwhile).
+                s.cwait -= cwaiting
+                s.mwait -= waiting
+                if cwaiting or waiting:
+                    if now >= s.hold_until:
+                        s.chold = s.mhold = 0
+                    s.chold += cwaiting
+                    s.mhold += waiting
+                    s.hold_until = now + self.interval
             # Redis had less than asked: no prefetch for an interval (a waiter still may),
             # so a scope at its limit does not turn every admission into a round trip.
             s.nextfill = now + self.interval if short else 0.0
@@ -530,12 +708,43 @@ class Shared:
                 and (s.held > 0 or s.rt >= 1 or s.conc_held))
         }
 
+    async def _heartbeat(self, now: float) -> set[Scope]:
+        """Say this worker lives; return the scopes it holds that another worker waits on."""
+        self._last_beat = now
+        sweep = now - self._last_sweep > 60
+        if sweep:
+            self._last_sweep = now
+        out = await self._beat(keys=[self._beats, self._wanted],
+                               args=[self.worker, self.beat_ms, 1 if sweep else 0])
+        if len(out) < 3:
+            return set()
+        rnow = int(out[0])
+        tables = {"k": self.lim.keys, "u": self.lim.users, "p": self.lim.plans}
+        plen = len(self.prefix) + 2  # "<prefix>s:"
+        wanted = set()
+        for i in range(1, len(out) - 1, 2):
+            name = out[i].decode() if isinstance(out[i], bytes) else str(out[i])
+            if not name.startswith(self.prefix):
+                continue
+            table = tables.get(name[plen:plen + 1])
+            sid = name[plen + 1:]
+            s = table.get(int(sid)) if table is not None and sid.isdigit() else None
+            if s is None:
+                continue
+            s.demand_until = max(s.demand_until, now + (float(out[i + 1]) - rnow) / 1000)
+            if s.conc_held or s.held > 0:
+                wanted.add(s)  # answer: hand back what is unused, report what is used
+        return wanted
+
     async def _round(self) -> None:
         lim = self.lim
-        snaps, self._snaps = self._snaps, {}
-        batch = self._want | self._dirty
-        self._dirty = set()
         now = lim.clock()
+        batch: set[Scope] = set()
+        if now - self._last_beat >= self.interval:
+            batch = await self._heartbeat(now)
+        snaps, self._snaps = self._snaps, {}
+        batch |= self._want | self._dirty
+        self._dirty = set()
         if now - self._last_tick >= self.interval:
             self._last_tick = now
             batch |= self._periodic(now)
