@@ -27,6 +27,7 @@ from accounting.ledger import open_ledger
 from accounting.ledgerd import LedgerLink
 from accounting.money import parse_multiplier
 from limits.admission import Limiter, anthropic_headers
+from limits.namespace import redis_prefix
 from relay import errors as E
 from relay.app import Gateway, breaker_factory
 from relay.clientaddr import TrustedProxies
@@ -79,8 +80,9 @@ class Worker:
         pricebook = pricing.PriceBook()
         limiter = None
         if self.with_limits:
+            prefix = await redis_prefix(db) if cfg.limits.redis_url else "tollway:"
             limiter = Limiter(cfg.limits, workers=cfg.server.workers, loader=self._load_budget,
-                              plan_loader=plans.loader(db, time.time))
+                              plan_loader=plans.loader(db, time.time), redis_prefix=prefix)
             await limiter.start()
         ledger = None
         if self.with_ledger:

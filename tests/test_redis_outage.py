@@ -96,11 +96,10 @@ async def test_redis_outage_under_load_is_safe_and_recovers(pg_dsn: str, fault: 
     try:
         cap_uid, cap_kid, capped = await h.user_and_key(balance="100", cap_nano=CAP)
         free_uid, free_kid, free = await h.user_and_key(balance="100")
-        names = [f"tollway:s:k{cap_kid}", f"tollway:s:u{cap_uid}", f"tollway:s:k{free_kid}",
-                 f"tollway:s:u{free_uid}"]
-        await real.delete(*names)  # a previous session's scopes with the same ids
         lim = h.worker.gw.limiter  # type: ignore[union-attr]
         assert lim is not None and lim.shared is not None
+        pre = lim.shared.prefix  # this deployment's: another session's scopes are not ours
+        names = [f"{pre}s:k{cap_kid}", f"{pre}s:u{cap_uid}", f"{pre}s:k{free_kid}", f"{pre}s:u{free_uid}"]
 
         load = Load(h.url)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S))
