@@ -61,13 +61,18 @@ def _instant(seconds_from_now: float) -> str:
     return datetime.fromtimestamp(time.time() + seconds_from_now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-ANTHROPIC_429 = (429, {"type": "error", "error": {"type": "rate_limit_error",
-                                                  "message": "Number of request tokens has exceeded your per-minute rate limit"}},
-                 [("retry-after", "7"), ("anthropic-ratelimit-requests-limit", "50"),
-                  ("anthropic-ratelimit-requests-remaining", "0"),
-                  ("anthropic-ratelimit-requests-reset", _instant(30)),
-                  ("anthropic-ratelimit-input-tokens-limit", "40000"),
-                  ("request-id", "req_upstream_anthropic_1")])
+def anthropic_429() -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+    """Built when the test runs: its reset instant is 30 s from then, not from import
+    (the whole suite runs between the two)."""
+    return (429, {"type": "error", "error": {"type": "rate_limit_error",
+                                             "message": "Number of request tokens has exceeded your per-minute rate limit"}},
+            [("retry-after", "7"), ("anthropic-ratelimit-requests-limit", "50"),
+             ("anthropic-ratelimit-requests-remaining", "0"),
+             ("anthropic-ratelimit-requests-reset", _instant(30)),
+             ("anthropic-ratelimit-input-tokens-limit", "40000"),
+             ("request-id", "req_upstream_anthropic_1")])
+
+
 OPENAI_429 = (429, {"error": {"message": "Rate limit reached for requests", "type": "requests",
                               "param": None, "code": "rate_limit_exceeded"}},
               [("retry-after", "5"), ("x-ratelimit-limit-requests", "500"),
@@ -89,7 +94,7 @@ def _one(headers: Any, name: str) -> str:
 
 
 async def test_anthropic_429_reaches_an_openai_client_in_openai_shape(pg_dsn: str) -> None:
-    async with Scripted(*ANTHROPIC_429) as up:
+    async with Scripted(*anthropic_429()) as up:
         h = await _gateway(pg_dsn, up, "anthropic")
         try:
             _, _, secret = await h.user_and_key()
