@@ -66,7 +66,7 @@ from accounting.journal import (
     encode,
     encode_checkpoint,
 )
-from accounting.records import UsageRecord, UsageRow
+from accounting.records import ROW_FIELDS, UsageRecord, UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +273,15 @@ _COLUMNS = (
     "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
     "usage_source", "cost_nano", "price_version", "latency_ms", "ttfb_ms", "attempts",
     "channels_tried", "client_request_id", "client_ip", "plan_id", "multiplier",
+    "upstream_request_id", "response_id",
 )
 # The Python type each column's value must have before COPY (ts before conversion).
 _PY_TYPES = (
     str, float, int, int, str, str, str, str, str, str, bool, int, str, int, int, int, int,
-    int, str, int, int, int, int, int, str, str, str, int, str,
+    int, str, int, int, int, int, int, str, str, str, int, str, str, str,
 )
 _STR_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is str)
+_MULTIPLIER = _COLUMNS.index("multiplier")
 _INT_COLS = tuple(i for i, t in enumerate(_PY_TYPES) if t is int)
 
 # Fast path: ask which of the batch's rows are logged already (a replay, a retry after
@@ -300,7 +302,7 @@ _SQL_TYPES = (
     "text", "float8", "bigint", "bigint", "text", "text", "text", "text", "text", "text",
     "boolean", "integer", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text",
     "bigint", "bigint", "integer", "integer", "integer", "text", "text", "text", "bigint",
-    "text",
+    "text", "text", "text",
 )
 # ts travels as float8 unix seconds and becomes a timestamptz in SQL (to_timestamp):
 # the same float always gives the same microsecond, so a replayed row hits the same
@@ -434,7 +436,9 @@ def _csv_ready(rec: UsageRecord | UsageRow, data: bytes) -> bool:
     fails the batch, which is split and the row typed and fixed (or set aside) alone."""
     if isinstance(rec, UsageRecord):
         ts, rid = rec.ts, rec.request_id
-    else:  # a flat row
+    else:  # a flat row; one of an older, shorter layout has fewer CSV fields than COPY takes
+        if len(rec) != ROW_FIELDS:
+            return False
         ts, rid = rec[2], rec[1]
     return (type(ts) is float and _TS_MIN <= ts <= _TS_MAX and type(rid) is str
             and rid != "" and "," not in rid and data.find(b"\\", HEADER_SIZE) < 0)
@@ -452,7 +456,8 @@ def _row(r: UsageRecord) -> tuple[Any, ...]:
         r.channel, r.protocol, r.route, r.stream, r.status, r.error_code, u.input, u.output,
         u.cache_read, u.cache_write, u.reasoning, r.usage_source, r.cost_nano,
         r.price_version, r.latency_ms, r.ttfb_ms, r.attempts, r.channels_tried,
-        r.client_request_id, r.client_ip, r.plan_id, r.multiplier,
+        r.client_request_id, r.client_ip, r.plan_id, r.multiplier, r.upstream_request_id,
+        r.response_id,
     )
 
 
@@ -467,7 +472,7 @@ def _coerce(t: tuple[Any, ...]) -> list[Any]:
         raise ValueError(f"request_id: expected a non-empty str, got {v[0]!r}")
     for i in _STR_COLS:
         if v[i] is None:
-            v[i] = "1" if i == len(v) - 1 else ""
+            v[i] = "1" if i == _MULTIPLIER else ""
         elif type(v[i]) is not str:
             raise ValueError(f"{_COLUMNS[i]}: expected str, got {type(v[i]).__name__}")
     for i in _INT_COLS:
@@ -517,7 +522,7 @@ _MAX_TEXT = 256  # characters: at most 1 KiB of UTF-8, so two fit in one index r
 _TEXT_FIELDS = (
     "request_id", "group", "model", "upstream_model", "channel", "protocol", "route",
     "error_code", "usage_source", "channels_tried", "client_request_id", "client_ip",
-    "multiplier",
+    "multiplier", "upstream_request_id", "response_id",
 )
 
 

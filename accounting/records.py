@@ -18,6 +18,7 @@ from typing import Any
 # attribute gathering. `UsageRecord.row()` and `UsageRecord.from_row()` convert.
 UsageRow = tuple[Any, ...]
 ROW_FORMAT = 1  # first element of every row, so the layout can evolve
+ROW_FIELDS = 32  # a current row's length, ROW_FORMAT included; older rows are shorter
 
 
 @dataclass(slots=True)
@@ -66,6 +67,8 @@ class UsageRecord:
     client_ip: str = ""
     plan_id: int = 0  # subscription drawn on, 0: the user's balance
     multiplier: str = "1"  # the price multiplier applied, as an exact fraction ("4/5")
+    upstream_request_id: str = ""  # the channel's own id for the request, when it sent one
+    response_id: str = ""  # the response body's id the client saw (chatcmpl-…, msg_…, resp_…)
 
     def row(self) -> UsageRow:
         """This record as a flat row (see UsageRow)."""
@@ -77,7 +80,7 @@ class UsageRecord:
             u.cache_write, u.reasoning, self.usage_source, self.cost_nano,
             self.price_version, self.latency_ms, self.ttfb_ms, self.attempts,
             self.channels_tried, self.client_request_id, self.client_ip, self.plan_id,
-            self.multiplier,
+            self.multiplier, self.upstream_request_id, self.response_id,
         )
 
     @classmethod
@@ -97,4 +100,6 @@ class UsageRecord:
             # Appended fields. A row written before `multiplier` existed reads "" (not
             # recorded), which reports explain with the group's multiplier.
             multiplier=t[29] if len(t) > 29 else "",
+            upstream_request_id=t[30] if len(t) > 30 else "",
+            response_id=t[31] if len(t) > 31 else "",
         )

@@ -26,7 +26,8 @@ _LOG_COLS = (
     "request_id, ts, user_id, key_id, group_name, model, upstream_model, channel, protocol,"
     " route, stream, status, error_code, input_tokens, output_tokens, cache_read_tokens,"
     " cache_write_tokens, reasoning_tokens, usage_source, cost_nano, price_version, latency_ms,"
-    " ttfb_ms, attempts, channels_tried, client_request_id, client_ip, plan_id, multiplier"
+    " ttfb_ms, attempts, channels_tried, client_request_id, client_ip, plan_id, multiplier,"
+    " upstream_request_id, response_id"
 )
 _SUMS = (
     "sum(requests)::bigint AS requests, sum(errors)::bigint AS errors,"
@@ -54,7 +55,8 @@ def _row_dict(r: asyncpg.Record) -> dict[str, Any]:
 async def usage_row(
     conn: asyncpg.Connection, request_id: str, *, key_id: int | None = None
 ) -> dict[str, Any] | None:
-    """The usage row for a gateway request id, else for a client's own request id.
+    """The usage row for a gateway request id, else for a client's own request id, else
+    for the id of the response body the client got (chatcmpl-…, msg_…, resp_…).
 
     With `key_id`, only that key's rows are candidates (a key holder's view: another
     key's row with the same client request id must neither show nor hide its own).
@@ -73,6 +75,10 @@ async def usage_row(
         r = await conn.fetchrow(
             f"SELECT {_LOG_COLS} FROM usage_log WHERE client_request_id = $1"
             f" AND client_request_id <> ''{scope} ORDER BY ts DESC LIMIT 1", *args)
+    if r is None and request_id:
+        r = await conn.fetchrow(
+            f"SELECT {_LOG_COLS} FROM usage_log WHERE response_id = $1"
+            f" AND response_id <> ''{scope} ORDER BY ts DESC LIMIT 1", *args)
     return None if r is None else _row_dict(r)
 
 

@@ -43,6 +43,7 @@ from relay.proxy import (
     max_output_tokens,
     upstream_headers,
 )
+from relay.requestids import first_id
 from relay.routing import Breaker, Channel, Router
 from relay.sse import SSEFramer
 from relay.sse import fields as sse_fields
@@ -567,7 +568,7 @@ class Gateway:
             req.client_ip if self._log_ip else "",
             # The lease knows whether the plan or the balance paid (plan first, then balance).
             lease.plan_id if lease is not None else key.plan_id,
-            _fraction_str(multiplier),
+            _fraction_str(multiplier), *_ids(ex),
         ))
 
     def _checkpoint_fn(self, req: Request, route: Route, key: Any, body: dict[str, Any] | None,
@@ -626,6 +627,7 @@ class Gateway:
                 int((ex.first_byte - t0) * 1000) if ex.first_byte else 0, attempts,
                 ",".join(tried), _client_rid(req), req.client_ip if self._log_ip else "",
                 lease.plan_id if lease is not None else key.plan_id, _fraction_str(multiplier),
+                *_ids(ex),
             )
 
         return row
@@ -697,6 +699,16 @@ _last_fraction: list[Any] = [_ONE, "1"]
 
 def _query(req: Request) -> bytes:
     return b"?" + req.query if req.query else b""
+
+
+def _ids(ex: Exchange | None) -> tuple[str, str]:
+    """The row's upstream request id and response id (relay.requestids)."""
+    if ex is None:
+        return "", ""
+    up = ex.upstream_rid[:128].decode("latin-1") if ex.upstream_rid else ""
+    if not ex.started:
+        return up, ""
+    return up, ex.response_id or (first_id(ex.body_chunks) if ex.status < 400 else "")
 
 
 def _client_rid(req: Request) -> str:

@@ -37,7 +37,7 @@ _OWN_COLS = (
     "request_id", "ts", "key_id", "group", "model", "protocol", "route", "stream", "status",
     "error_code", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
     "reasoning_tokens", "usage_source", "cost_nano", "price_version", "latency_ms", "ttfb_ms",
-    "client_request_id",
+    "client_request_id", "response_id",
 )
 REDEEM_FAILURES_PER_MINUTE = 10  # per key: guessing 80-bit codes is hopeless, but cheap to bound
 MAX_BILLING_DAYS = 100

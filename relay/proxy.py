@@ -61,8 +61,8 @@ class Exchange:
     __slots__ = (
         "_limits", "_watchdog", "aborted", "body_chunks", "bytes_out", "client", "done",
         "error", "error_body", "error_headers", "first_byte", "framer", "gw", "headers_out",
-        "last_activity", "loop", "mode", "protocol", "route", "started", "status", "tap",
-        "upstream", "upstream_rid", "upstream_status",
+        "last_activity", "loop", "mode", "protocol", "response_id", "route", "started", "status",
+        "tap", "upstream", "upstream_rid", "upstream_status",
     )
 
     def __init__(self, gw: Gateway, client: HttpConnection, route: Route, mode: int,
@@ -87,6 +87,7 @@ class Exchange:
         self.error_body: list[bytes] | None = None
         self.error_headers: list[tuple[bytes, bytes]] = []  # a held error's head
         self.upstream_rid = b""  # the upstream's own request id, for the usage row
+        self.response_id = ""  # set where the client's body is not the upstream's (translation)
         self.aborted = False  # the client went away
         self.upstream: UpstreamConnection | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()

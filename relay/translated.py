@@ -20,6 +20,7 @@ from accounting.records import Usage
 from relay import errors as E
 from relay.errors import ANTHROPIC, OPENAI, GatewayError
 from relay.proxy import NOT_COPIED, UPSTREAM_IDS, Exchange
+from relay.requestids import first_id
 from relay.sse import SSEFramer, fields
 from relay.translate import chat_anthropic as ca
 from relay.translate import errors as te
@@ -180,6 +181,8 @@ class TranslatingExchange(Exchange):
                 out.append(piece)
         if out:
             payload_out = b"".join(out)
+            if not self.bytes_out:
+                self.response_id = first_id([payload_out])  # relay.requestids
             self.bytes_out += len(payload_out)
             self.client.write(payload_out)
 
@@ -207,6 +210,7 @@ class TranslatingExchange(Exchange):
                     self._finish()
                     return
             self.bytes_out = len(body)
+            self.response_id = first_id([body])
             self.client.send(self.status, self.headers_out + JSON_HEADERS, body)
             self.started = True
         self._finish()
