@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from accounting.money import format_usd
 from limits.keys import KeyState
 
 if TYPE_CHECKING:
@@ -701,9 +702,9 @@ class Limiter:
             fit = self._fits(s, reserve_nano, now, waited)
             if fit == _SHORT:
                 if s is m and m is not u:
-                    return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted",
-                                             reason="plan_credit"))
-                return self._quota_denial(s is k)
+                    return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted"
+                                             + self._amounts(s, reserve_nano), reason="plan_credit"))
+                return self._quota_denial(s is k, s, reserve_nano)
             if fit == _REFILL:
                 pending = True
                 if s not in short:
@@ -785,9 +786,21 @@ class Limiter:
         return self._deny(Denial(402, "insufficient_quota", unknown, 1.0,
                                  ((b"retry-after", b"1"),), reason="quota_unknown"))
 
-    def _quota_denial(self, is_key: bool) -> Denial:
+    def _quota_denial(self, is_key: bool, s: Scope | None = None, need: int = 0) -> Denial:
         msg = "key spending cap reached" if is_key else "insufficient balance"
+        if s is not None:
+            msg += self._amounts(s, need)
         return self._deny(Denial(402, "insufficient_quota", msg, reason="key_cap" if is_key else "balance"))
+
+    def _amounts(self, s: Scope, need: int) -> str:
+        """What a 402 tells the client: the reservation and what the scope has left for
+        it (with shared limits: what this worker holds, the rest being spent per Redis)."""
+        if self.shared is not None or s.db is None:
+            avail = s.held - s.reserved
+        else:
+            avail = s.limit + s.db - s.unflushed - s.reserved
+        return (f": this request needs up to {format_usd(need)} USD (its input and max output"
+                f" tokens at the model's price), {format_usd(max(0, avail))} USD available")
 
     def _release(self, k: Scope, u: Scope, m: Scope, reserve: int, cost: int, tokens: int) -> None:
         # A negative reserve marks a lease that reserved nothing against the key cap.

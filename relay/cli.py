@@ -254,13 +254,37 @@ async def _users_create(conn: asyncpg.Connection, args: argparse.Namespace) -> i
 @db_command
 async def _users_topup(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     amount = usd(args.amount, "amount", allow_negative=True)
-    balance = await store.topup(conn, args.name, amount, external_id=args.external_id, note=args.note)
-    await store.audit(conn, actor(), "user.topup", args.name,
-                      {"amount_nano": amount, "external_id": args.external_id, "note": args.note})
-    if args.json:
-        print_json({"name": args.name, **money("amount", amount), **money("balance", balance)})
+    duplicate = False
+    if amount > 0:
+        # The admin API's path (accounting.topups): it tells a repeat of an external id,
+        # which credits nothing, from a credit.
+        from accounting import growth, topups
+
+        async with conn.transaction():
+            user = await store.get_user(conn, args.name)
+            if user is None:
+                raise CliError(f"user {args.name!r} not found")
+            c = await topups.credit(conn, user.id, amount, args.external_id, args.note)
+            duplicate, balance = c.duplicate, c.balance_nano
+            if not duplicate:
+                await store.audit(conn, actor(), "user.topup", args.name,
+                                  {"amount_nano": amount, "external_id": args.external_id,
+                                   "note": args.note, "topup_id": c.topup_id})
+                await growth.reward_inviter(conn, user.id, c.topup_id, amount,
+                                            growth.Terms.of(args.cfg.growth).share)
     else:
-        print(f"{args.name}: {format_usd(amount)} USD credited, balance {format_usd(balance)} USD")
+        balance = await store.topup(conn, args.name, amount, note=args.note)
+        await store.audit(conn, actor(), "user.topup", args.name,
+                          {"amount_nano": amount, "note": args.note})
+    if args.json:
+        print_json({"name": args.name, **money("amount", amount), "duplicate": duplicate,
+                    **money("credited", 0 if duplicate else amount), **money("balance", balance)})
+    elif duplicate:
+        print(f"{args.name}: nothing credited: external id {args.external_id!r} was already applied;"
+              f" balance {format_usd(balance)} USD")
+    else:
+        verb = "credited" if amount > 0 else "debited"
+        print(f"{args.name}: {format_usd(abs(amount))} USD {verb}, balance {format_usd(balance)} USD")
     return EXIT_OK
 
 
@@ -522,7 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that feature is not installed
             raise
         module.register(sub)
+    _config_anywhere(parser)
     return parser
+
+
+def _config_anywhere(parser: argparse.ArgumentParser) -> None:
+    """`--config` after the command too (`tollway users create bob --config x.toml`): every
+    subcommand takes it; SUPPRESS keeps the value given before the command otherwise."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if not any("--config" in a.option_strings for a in child._actions):
+                    child.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                                       help="config file (default: ./config.toml if present)")
+                _config_anywhere(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

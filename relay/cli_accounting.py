@@ -64,6 +64,31 @@ async def _codes_redeem(conn: asyncpg.Connection, args: argparse.Namespace) -> i
     return 0
 
 
+@db_command
+async def _codes_list(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from relay.admin import code_json  # the admin API's view of a code: one shape for both
+
+    if args.state is not None and args.state not in ("unused", "redeemed", "expired"):
+        raise CliError(f"--state: expected unused, redeemed or expired, got {args.state!r}")
+    rows = await reports.list_codes(conn, batch_id=args.batch,
+                                    prefix=args.prefix.upper() if args.prefix else None,
+                                    state=args.state, limit=max(1, min(args.limit, 10_000)))
+    out = [code_json(r) for r in rows]
+    if args.json:
+        print_json({"data": out})
+        return 0
+    if not out:
+        sys.stdout.write("no redemption codes\n")
+        return 0
+    sys.stdout.write(f"{'prefix':<10} {'batch':>6} {'amount USD':>12} {'state':<9} {'expires':<26}"
+                     f" {'redeemed by':>11}\n")
+    for c in out:
+        exp = c["expires_at"].isoformat() if c["expires_at"] else "-"
+        sys.stdout.write(f"{c['prefix']:<10} {c['batch_id']:>6} {c['amount_usd']:>12} {c['state']:<9}"
+                         f" {exp:<26} {c['redeemed_by'] if c['redeemed_by'] is not None else '-':>11}\n")
+    return 0
+
+
 # --- usage --------------------------------------------------------------------------------
 
 
@@ -148,6 +173,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--expires", metavar="ISO-DATE", help="expiry (UTC unless an offset is given)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_codes_create)
+    p = grp.add_parser("list", help="list codes (their prefixes and state; never the code)")
+    p.add_argument("--batch", type=int, help="only this batch")
+    p.add_argument("--state", metavar="STATE", help="unused, redeemed or expired")
+    p.add_argument("--prefix", help="codes starting with this")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_codes_list)
     p = grp.add_parser("redeem", help="credit a code to a user")
     p.add_argument("code")
     p.add_argument("--user", required=True, help="user name")
@@ -157,7 +189,9 @@ def register(subparsers: Any) -> None:
     grp = subparsers.add_parser("usage", help="usage rows and bills").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     p = grp.add_parser("show", help="one request's usage row and its bill")
-    p.add_argument("request_id", metavar="REQUEST_ID", help="gateway id or the client's request id")
+    p.add_argument("request_id", metavar="ID",
+                   help="the gateway's request id (x-request-id), the client's own x-request-id,"
+                        " or the response body's id (chatcmpl-…, msg_…, resp_…)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_usage_show)
     p = grp.add_parser("log", help="recent requests, newest first")

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from accounting import plans, store
+from accounting.money import format_usd
 from relay.cli import (
     EXIT_OK,
     CliError,
@@ -113,11 +114,33 @@ async def _plans_show(conn: asyncpg.Connection, args: argparse.Namespace) -> int
 # --- subscriptions ----------------------------------------------------------------------
 
 
+def _payment_options(p: Any) -> None:
+    # An operator selling a plan expects it paid: the price is debited from the user's
+    # balance unless --free grants it (a gift, a trial, a payment taken elsewhere).
+    p.add_argument("--free", action="store_true",
+                   help="grant the plan without debiting its price from the user's balance")
+    p.add_argument("--pay-from-balance", action="store_true", help=argparse.SUPPRESS)  # the default now
+
+
+async def _unpaid(conn: asyncpg.Connection, exc: Exception, user: str, price: int) -> str:
+    """A refused debit said in the operator's terms: the price, the balance, the way out."""
+    if "below zero" not in str(exc):
+        return str(exc)
+    ref = _user_ref(user)
+    col = "id" if isinstance(ref, int) else "name"
+    bal = await conn.fetchval(f"SELECT balance_nano FROM users WHERE {col} = $1", ref)
+    return (f"the plan costs {format_usd(price)} USD and the user's balance is"
+            f" {format_usd(int(bal or 0))} USD: top up first, or pass --free to grant it without charge")
+
+
 @db_command
 async def _subs_create(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     p = await _plan_ref(conn, args.plan)
-    sub, key_id, secret = await plans.subscribe(conn, _user_ref(args.user), p.id, _now(),
-                                                pay_from_balance=args.pay_from_balance)
+    try:
+        sub, key_id, secret = await plans.subscribe(conn, _user_ref(args.user), p.id, _now(),
+                                                    pay_from_balance=not args.free)
+    except store.StoreError as exc:
+        raise CliError(await _unpaid(conn, exc, args.user, p.price_nano))
     await store.audit(conn, actor(), "subscription.create", str(sub.id),
                       {"user_id": sub.user_id, "plan_id": p.id, "key_id": key_id})
     if args.json:
@@ -131,9 +154,15 @@ async def _subs_create(conn: asyncpg.Connection, args: argparse.Namespace) -> in
 @db_command
 async def _subs_renew(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     try:
-        sub = await plans.renew(conn, args.subscription, _now(), pay_from_balance=args.pay_from_balance)
+        sub = await plans.renew(conn, args.subscription, _now(), pay_from_balance=not args.free)
     except store.Conflict as exc:
         raise CliError(str(exc))
+    except store.StoreError as exc:
+        row = await conn.fetchrow("SELECT s.user_id, p.price_nano FROM subscriptions s"
+                                  " JOIN plans p ON p.id = s.plan_id WHERE s.id = $1", args.subscription)
+        if row is None:
+            raise
+        raise CliError(await _unpaid(conn, exc, str(row["user_id"]), int(row["price_nano"])))
     await store.audit(conn, actor(), "subscription.renew", str(sub.id), {"expires_at": sub.expires_at})
     if args.json:
         print_json(subscription_json(sub, _now()))
@@ -227,12 +256,12 @@ def register(subparsers: Any) -> None:
     p = grp.add_parser("create", help="subscribe a user to a plan (prints the key once)")
     p.add_argument("--user", required=True, help="id or name")
     p.add_argument("--plan", required=True, help="id or name")
-    p.add_argument("--pay-from-balance", action="store_true", help="debit the plan's price")
+    _payment_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_subs_create)
     p = grp.add_parser("renew", help="extend a subscription by one term (inside its renewal window)")
     p.add_argument("subscription", type=int)
-    p.add_argument("--pay-from-balance", action="store_true")
+    _payment_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_subs_renew)
     p = grp.add_parser("show", help="show a subscription and its keys")

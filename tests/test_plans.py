@@ -412,9 +412,9 @@ def test_cli_plans_and_subscriptions(tmp_path: Path, pg_dsn: str, capsys: pytest
     assert run("plans", "show", name)["id"] == p["id"]
     assert p["id"] in [x["id"] for x in run("plans", "list")]
     user = uname()
-    assert cli.main(["--config", str(conf), "users", "create", user]) == 0
+    assert cli.main(["--config", str(conf), "users", "create", user, "--balance", "5"]) == 0
     capsys.readouterr()
-    sub = run("subscriptions", "create", "--user", user, "--plan", str(p["id"]))
+    sub = run("subscriptions", "create", "--user", user, "--plan", str(p["id"]))  # paid: 1.5
     assert sub["key"].startswith("sk-") and sub["state"] == "active"
     made = run("subscriptions", "keys", "create", str(sub["id"]), "--name", "ci", "--quantity", "2",
                "--cap", "0.25")
