@@ -95,7 +95,7 @@ def test_config_is_accepted_after_the_command(conf: str, capsys: pytest.CaptureF
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path / "..")  # no config.toml here: only --config can name the database
     name = uniq("late")
-    code, out, err = run(capsys, "users", "create", name, "--balance", "1", "--config", conf)
+    code, _, err = run(capsys, "users", "create", name, "--balance", "1", "--config", conf)
     assert code == 0, err
     shown = run_json(capsys, "users", "show", name, "--config", conf)
     assert shown["balance_nano"] == USD
