@@ -119,10 +119,7 @@ class Console:
         body = env.get_template(template).render(
             page=page, account=page.account if nav else None, csrf=page.csrf, tz=page.tz,
             site=self.cfg.site_name, path=page.path, flash=self.flash(page), **ctx)
-        resp = Response(status, body.encode())
-        if "lang" in page.query and page.query["lang"] in LANGS and page.account is None:
-            resp.cookie(LANG_COOKIE, page.query["lang"], max_age=365 * 86400, secure=page.secure)
-        return resp
+        return Response(status, body.encode())
 
     def flash(self, page: Page) -> str:
         code = page.query.get("ok", "")

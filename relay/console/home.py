@@ -33,14 +33,27 @@ def day_start(c: Any, p: Page, days_back: int = 0) -> datetime:
     return d.replace(tzinfo=c.zone(p)) if d.tzinfo is None else d
 
 
-def chart_json(rows: list[dict[str, Any]], label: str) -> str:
+def chart_json(rows: list[dict[str, Any]], label: str, start: datetime | None = None,
+               end: datetime | None = None, bucket: str = "day") -> str:
     """The series for console.js: epoch seconds and USD as exact decimal strings (the
     chart draws floats; the tables and CSV keep the exact figures)."""
     from accounting.money import format_usd
 
+    if start is not None and end is not None:
+        # Every bucket of the window, zero where nothing was spent, so the axis spans it.
+        step = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
+        have = {int(r["bucket"].timestamp()): r for r in rows}
+        dense: list[dict[str, Any]] = []
+        t = start
+        while t <= end and len(dense) < 5000:
+            dense.append(have.pop(int(t.timestamp()), {"bucket": t, "cost_nano": 0, "requests": 0}))
+            t += step
+        rows = sorted(dense + list(have.values()), key=lambda r: r["bucket"])
     return orjson.dumps({"label": label, "x": [int(r["bucket"].timestamp()) for r in rows],
                          "y": [format_usd(int(r["cost_nano"] or 0)) for r in rows],
-                         "n": [int(r["requests"] or 0) for r in rows]}).decode()
+                         "n": [int(r["requests"] or 0) for r in rows],
+                         "from": int(start.timestamp()) if start else None,
+                         "to": int(end.timestamp()) if end else None}).decode()
 
 
 async def home(c: Any, p: Page) -> Response:
@@ -73,7 +86,7 @@ async def home(c: Any, p: Page) -> Response:
         active.append({"sub": s, "name": names.get(s.plan_id, str(s.plan_id)),
                        "left": s.remaining(now), "next_reset": nxt})
     return c.render(p, "home.html", acct=acct, today_nano=today_nano, month_nano=month_nano,
-                    chart=chart_json(curve, c._(p, "Spend (USD)")), subs=active,
+                    chart=chart_json(curve, c._(p, "Spend (USD)"), curve_from, today), subs=active,
                     notes=[dict(n) for n in notes], welcome="welcome" in p.query)
 
 

@@ -100,7 +100,8 @@ async def usage(c: Any, p: Page) -> Response:
     if f["model"]:
         models = [m for m in models if m["model"] == f["model"]]
     total = sum(int(m["cost_nano"] or 0) for m in models)
-    chart = chart_json(series, c._(p, "Spend (USD)"))
+    last = f["end"] - (timedelta(days=1) if f["bucket"] == "day" else timedelta(hours=1))
+    chart = chart_json(series, c._(p, "Spend (USD)"), f["start"], last, f["bucket"])
     chart = chart[:-1] + f',"bucket":"{f["bucket"]}"}}'
     return c.render(p, "usage.html", f=f, series=series, models=models, total=total,
                     chart=chart, csv_url="/console/usage.csv?" + _query(p))

@@ -250,12 +250,18 @@ class Router:
                 elif method == "GET" and path != "/console":
                     to += "?next=" + quote(path + ("?" + req.query.decode() if req.query else ""), safe="")
                 resp = redirect(to)
+                if page.query.get("lang") in ("en", "zh_Hans"):
+                    resp.cookie(LANG_COOKIE, page.query["lang"], max_age=365 * 86400,
+                                secure=page.secure)
                 if page.ended:
                     resp.cookie(page.cookie_name, "", max_age=0, secure=page.secure)
                 return resp
             if page.session.mfa_pending and route.access != MFA:
                 return redirect("/console/login/2fa")
         resp = await route.handler(page)
+        chosen = page.query.get("lang")
+        if chosen in ("en", "zh_Hans") and page.cookies.get(LANG_COOKIE) != chosen:
+            resp.cookie(LANG_COOKIE, chosen, max_age=365 * 86400, secure=page.secure)
         if page.set_pre_csrf:
             resp.cookie(PRE_COOKIE, page.pre_csrf, secure=page.secure)
         if page.ended and page.session is None:

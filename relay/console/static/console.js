@@ -36,8 +36,14 @@
                { label: data.label, stroke: "#0b5cad", fill: "rgba(11,92,173,0.12)", width: 2,
                  value: function (u, v) { return v == null ? "" : money.format(v); } }],
       axes: [{ values: function (u, vals) { return vals.map(function (v) { return fmt.format(new Date(v * 1000)); }); } },
-             { values: function (u, vals) { return vals.map(function (v) { return money.format(v); }); }, size: 70 }],
-      scales: { x: { time: true } }
+             { values: function (u, vals) { return vals.map(function (v) { return money.format(v); }); }, size: 84 }],
+      legend: { show: false },
+      scales: { x: { time: true, range: function (u, min, max) {
+        var lo = min == null ? data.from : (data.from == null ? min : Math.min(data.from, min));
+        var hi = max == null ? data.to : (data.to == null ? max : Math.max(data.to, max));
+        if (lo == null || hi == null || lo >= hi) { lo = (lo || hi) - 86400; hi = lo + 2 * 86400; }
+        return [lo, hi];
+      } } }
     };
     if (!data.x.length) { data.x = [Math.floor(Date.now() / 1000)]; ys = [0]; }
     new uPlot(opts, [data.x, ys], el);
