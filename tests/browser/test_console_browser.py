@@ -246,8 +246,14 @@ def test_every_page_in_both_languages_at_desktop_and_375px_with_axe(site: Site, 
             _eventually(lambda m=model: client.chat.completions.create(
                 model=m, messages=[{"role": "user", "content": "hi"}]))
         site.flush()
-        page.goto(site.url + "/console/logs")
-        rows = page.locator("[data-testid=log-row]")
+        import time
+        deadline = time.monotonic() + 15  # the ledger's flush reaches Postgres on its own clock
+        while True:
+            page.goto(site.url + "/console/logs")
+            rows = page.locator("[data-testid=log-row]")
+            if rows.count() == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert rows.count() == 3
         rid = rows.first.get_attribute("data-request-id")
         rows.first.locator("a").click()
