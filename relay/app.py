@@ -600,10 +600,10 @@ class Gateway:
             if translated:
                 mapper = ex.stream_mapper  # type: ignore[attr-defined]
                 m = mapper.m if mapper is not None else None
-                out = meter.count_parts(getattr(m, "text_parts", []))
+                out = meter.count_parts(getattr(m, "text_parts", []), ex.bytes_out)
                 reported = getattr(m, "usage", None)
             else:
-                out = meter.count_chunks(ex.body_chunks)
+                out = meter.count_chunks(ex.body_chunks, ex.bytes_out)
                 reported = ex.tap.usage if ex.tap is not None else None
             if out <= 0:
                 return None  # no output yet: nothing is owed (invariant 4)

@@ -29,7 +29,7 @@ from accounting import tokens
 from accounting.journal import Journal
 from accounting.ledger import Ledger
 from accounting.money import parse_usd
-from relay.checkpoints import OutputMeter, StreamCheckpoints
+from relay.checkpoints import CALIBRATE_BYTES, OutputMeter, StreamCheckpoints
 from tests import test_faults
 from tests.test_faults import (
     _children,
@@ -118,11 +118,16 @@ async def test_checkpoints_reach_the_journal_and_a_discarded_stream_is_not_carri
     journal.close(delete=True)
 
 
+def _chat_events(words: list[str]) -> bytes:
+    return b"".join(
+        b"data: " + orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk",
+                                  "choices": [{"index": 0, "delta": {"content": w}}]}) + b"\n\n"
+        for w in words)
+
+
 def test_the_output_meter_counts_each_chunk_once_whatever_the_cuts() -> None:
     words = ["Hello", " there", ",", " how", " are", " you", "?"]
-    events = b"".join(
-        b'data: ' + orjson.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}) + b"\n\n"
-        for w in words) + b"data: [DONE]\n\n"
+    events = _chat_events(words) + b"data: [DONE]\n\n"
     whole = tokens.count_text("".join(words))
     for step in (1, 7, 50, len(events)):
         meter = OutputMeter("openai", "chat")
@@ -130,15 +135,35 @@ def test_the_output_meter_counts_each_chunk_once_whatever_the_cuts() -> None:
         counts = []
         for i in range(0, len(events), step):
             chunks.append(events[i:i + step])
-            counts.append(meter.count_chunks(chunks))
+            counts.append(meter.count_chunks(chunks, i + step))
         assert counts[-1] == whole and counts == sorted(counts)
-        assert meter.count_chunks(chunks) == whole  # nothing new: nothing counted twice
+        # Nothing new: nothing counted twice.
+        assert meter.count_chunks(chunks, len(events)) == whole
     parts_meter = OutputMeter("openai", "chat")
     parts: list[str] = []
-    for w in words:
+    for n, w in enumerate(words):
         parts.append(w)
-        parts_meter.count_parts(parts)
+        parts_meter.count_parts(parts, 100 * n)
     assert abs(parts_meter.tokens - whole) <= 2  # counted in pieces, not as one text
+
+
+def test_the_output_meter_extrapolates_a_long_stream_from_its_first_bytes() -> None:
+    words = [f" word{i % 17} and more" for i in range(3000)]
+    events = [_chat_events([w]) for w in words]
+    exact = tokens.count_text("".join(words))
+    meter = OutputMeter("openai", "chat")
+    chunks: list[bytes] = []
+    sent = 0
+    for n, ev in enumerate(events):
+        chunks.append(ev)
+        sent += len(ev)
+        if n % 20 == 0:  # a tick about every 20 chunks
+            meter.count_chunks(chunks, sent)
+    assert meter._base_sent and meter._base_sent < 3 * CALIBRATE_BYTES
+    chunks.append(b"data: not even json\n\n")  # past calibration, chunks are not read
+    got = meter.count_chunks(chunks, sent)
+    assert exact <= got <= exact * 1.05, (got, exact)
+
 
 
 def journaled_checkpoints(journal_dir: Path) -> dict[str, list[Any]]:
