@@ -26,12 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def _commands() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Operating it"):]
-    out = []
-    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
-        for line in block.splitlines():
-            if line.startswith(".venv/bin/tollway "):
-                out.append(shlex.split(line, comments=True)[1:])
-    return out
+    lines = [line for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+             for line in block.splitlines()]
+    return [shlex.split(line, comments=True)[1:] for line in lines
+            if line.startswith(".venv/bin/tollway ")]
 
 
 @pytest.fixture
