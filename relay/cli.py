@@ -31,6 +31,7 @@ from accounting import migrate, store
 from accounting.db import EmbeddedPostgresError, resolve_dsn
 from accounting.money import format_usd, parse_usd
 from relay.config import Config, ConfigError, load
+from relay.ops.views import channel_json, key_json, money, user_json
 
 COMMAND_MODULES = ["relay.cli_accounting", "relay.cli_limits", "relay.cli_admin", "relay.cli_plans"]
 
@@ -60,11 +61,6 @@ def usd(text: str, what: str = "amount", *, allow_negative: bool = False) -> int
         return parse_usd(text, allow_negative=allow_negative, what=what)
     except (ValueError, TypeError, OverflowError) as exc:
         raise CliError(str(exc))
-
-
-def money(prefix: str, nano: int) -> dict[str, Any]:
-    """`{prefix}_usd` (exact string) and `{prefix}_nano` (int) for JSON output."""
-    return {f"{prefix}_usd": format_usd(nano), f"{prefix}_nano": nano}
 
 
 def print_json(obj: Any) -> None:
@@ -141,34 +137,6 @@ def _expiry(text: str) -> datetime:
 
 
 # --- records as output -------------------------------------------------------------------
-
-
-def user_json(u: store.User) -> dict[str, Any]:
-    return {
-        "id": u.id, "name": u.name, "status": u.status, **money("balance", u.balance_nano),
-        "concurrency": u.concurrency, "rpm": u.rpm, "tpm": u.tpm, "max_ips": u.max_ips,
-        "created_at": u.created_at,
-    }
-
-
-def key_json(k: store.Key) -> dict[str, Any]:
-    return {
-        "id": k.id, "user_id": k.user_id, "user": k.user_name, "name": k.name,
-        "key_prefix": k.key_prefix, "status": k.status, "expires_at": k.expires_at,
-        "models": None if k.models is None else list(k.models), "group": k.group,
-        **money("cap", k.cap_nano), **money("spent", k.spent_nano),
-        "concurrency": k.concurrency, "rpm": k.rpm, "tpm": k.tpm,
-        "allowed_cidrs": list(k.allowed_cidrs), "plan_id": k.plan_id, "created_at": k.created_at,
-    }
-
-
-def channel_json(c: store.Channel) -> dict[str, Any]:
-    return {
-        "id": c.id, "name": c.name, "protocol": c.protocol, "base_url": c.base_url,
-        "api_key_env": c.api_key_env, "models": list(c.models), "model_map": c.model_map,
-        "headers": c.headers, "priority": c.priority, "weight": c.weight,
-        "max_concurrency": c.max_concurrency, "enabled": c.enabled, "source": c.source,
-    }
 
 
 def _print_record(obj: dict[str, Any]) -> None:

@@ -66,7 +66,7 @@ async def _codes_redeem(conn: asyncpg.Connection, args: argparse.Namespace) -> i
 
 @db_command
 async def _codes_list(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    from relay.admin import code_json  # the admin API's view of a code: one shape for both
+    from relay.ops.views import code_json  # the admin API's view of a code: one shape for both
 
     if args.state is not None and args.state not in ("unused", "redeemed", "expired"):
         raise CliError(f"--state: expected unused, redeemed or expired, got {args.state!r}")

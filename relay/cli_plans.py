@@ -20,37 +20,11 @@ from relay.cli import (
     CliError,
     actor,
     db_command,
-    key_json,
-    money,
     print_json,
     print_table,
     usd,
 )
-
-_VALIDITY_S = {"day": 86_400, "week": 7 * 86_400}
-
-
-def plan_json(p: plans.Plan) -> dict[str, Any]:
-    return {
-        "id": p.id, "name": p.name, **money("price", p.price_nano), **money("credit", p.credit_nano),
-        "validity": p.validity, "validity_s": p.validity_s or _VALIDITY_S.get(p.validity),
-        **money("periodic_credit", p.periodic_nano), "reset": p.reset, "reset_s": p.reset_s,
-        "models": None if p.models is None else list(p.models), "groups": list(p.groups),
-        "renewal_window_s": p.renewal_window_s, "status": p.status, "created_at": p.created_at,
-    }
-
-
-def subscription_json(s: plans.Subscription, now: datetime) -> dict[str, Any]:
-    state = ("cancelled" if s.status == "cancelled" else "active" if now < s.expires_at else "expired")
-    return {
-        "id": s.id, "user_id": s.user_id, "plan_id": s.plan_id, "state": state,
-        "started_at": s.started_at, "expires_at": s.expires_at, "cancelled_at": s.cancelled_at,
-        **money("credit", s.credit_nano), **money("used", s.used_nano),
-        **money("periodic_credit", s.periodic_nano), "reset": s.reset,
-        **money("period_used", s.period_used(now)), **money("remaining", max(s.remaining(now), 0)),
-        "periodic_enabled": s.periodic_enabled, "balance_fallback": s.balance_fallback,
-        "renewals": s.renewals, "created_at": s.created_at,
-    }
+from relay.ops.views import key_json, money, plan_json, subscription_json
 
 
 def _now() -> datetime:

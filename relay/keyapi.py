@@ -19,17 +19,17 @@ import orjson
 from accounting import codes, reports, store
 from accounting.money import format_usd
 from relay import errors as E
-from relay.admin import (
+from relay.httpserver import Request
+from relay.ops.parse import (
     decode_cursor,
     encode_cursor,
-    explain_row,
     mapped,
     parse_time,
     q_int,
     window,
 )
-from relay.cli import money
-from relay.httpserver import Request
+from relay.ops.usage import explain_row
+from relay.ops.views import money
 from relay.webapi import Api, ApiError, Call, Reply
 
 # The columns of a usage row a key holder sees: what they sent and what it cost.

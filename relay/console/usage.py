@@ -17,9 +17,9 @@ from typing import Any
 
 from accounting import health, reports, store
 from accounting.money import format_usd
-from relay.admin import explain_row
 from relay.console.home import chart_json
 from relay.console.web import USER, Page, Refused, Response, redirect
+from relay.ops.usage import explain_row
 
 LOG_PAGE = 50
 CSV_MAX_ROWS = 100_000
