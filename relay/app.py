@@ -585,7 +585,8 @@ class Gateway:
                 price = self.pricebook.lookup(answering)  # a fallback is billed at its price
             except LookupError:
                 pass
-        translated = isinstance(ex, TranslatingExchange)
+        # A translated stream's text is counted in the upstream's events (its body_chunks).
+        plan = ex.plan if isinstance(ex, TranslatingExchange) else None
         meter: OutputMeter | None = None  # made at the first tick: most streams end before
         seen = [0, -1]  # bytes_out at the last call; the input estimate, once needed
 
@@ -595,15 +596,15 @@ class Gateway:
                 return None
             seen[0] = ex.bytes_out
             if meter is None:
-                meter = OutputMeter(route.protocol_name, route.name)
+                meter = (OutputMeter(route.protocol_name, route.name) if plan is None else
+                         OutputMeter(plan.upstream_protocol,
+                                     "messages" if plan.upstream_protocol == "anthropic" else "chat"))
+            out = meter.count_chunks(ex.body_chunks, ex.bytes_out)
             reported: Usage | None
-            if translated:
+            if plan is not None:
                 mapper = ex.stream_mapper  # type: ignore[attr-defined]
-                m = mapper.m if mapper is not None else None
-                out = meter.count_parts(getattr(m, "text_parts", []), ex.bytes_out)
-                reported = getattr(m, "usage", None)
+                reported = getattr(mapper.m, "usage", None) if mapper is not None else None
             else:
-                out = meter.count_chunks(ex.body_chunks, ex.bytes_out)
                 reported = ex.tap.usage if ex.tap is not None else None
             if out <= 0:
                 return None  # no output yet: nothing is owed (invariant 4)

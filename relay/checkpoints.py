@@ -15,7 +15,7 @@ a crash charges each unsettled stream its last one, once (accounting.journal).
 Nothing here runs per chunk or per request beyond a dict insert and delete: the cost is
 the timer's, proportional to the streams in flight, once a second. `OutputMeter`
 counts what a stream emitted for the rows: exactly over its first bytes, then at that
-rate.
+rate per event.
 """
 
 from __future__ import annotations
@@ -103,73 +103,71 @@ class StreamCheckpoints:
 
 
 # Output counted exactly over a stream's first bytes, then extrapolated (OutputMeter).
-CALIBRATE_BYTES = 8192
+CALIBRATE_BYTES = 16384
 
 
 class OutputMeter:
     """Output tokens a stream has emitted so far, for its checkpoints.
 
     Exact over the stream's first CALIBRATE_BYTES bytes sent (its chunks framed, their
-    text extracted and counted with tiktoken, each chunk once); from then on, the bytes
-    sent since at the rate counted over those first ones. Counting every chunk of a long
-    stream costs about 7 us a chunk (framing, a JSON parse per event, tiktoken), more
-    than relaying it; extrapolating costs nothing, and a stream's text-to-framing ratio
-    hardly moves. Settlement still counts a cut stream exactly; only a crash is billed
-    from this estimate.
+    text extracted and counted with tiktoken, each chunk once); from then on, the events
+    since at the rate counted per event over those first ones. Counting every chunk of
+    a long stream costs about 7 us a chunk (framing, a JSON parse per event, tiktoken),
+    more than relaying it; counting event separators is a C scan. Per event rather than
+    per byte: a stream's closing events repeat its whole text (Responses' `.done` and
+    `response.completed`), and by bytes they would count it again. Settlement still
+    counts a cut stream exactly; only a crash is billed from this estimate.
 
-    `chunks` is the exchange's list of stream bytes as the client's protocol carries
-    them; `parts`, for a translating exchange, the text it emitted. `sent` is the
-    exchange's `bytes_out`.
+    `chunks` is the exchange's list of stream bytes in the protocol and route given
+    (for a translated stream, the upstream's); `sent` is the exchange's `bytes_out`.
     """
 
-    __slots__ = ("_base", "_base_sent", "_framer", "_i", "_list", "_protocol", "_route", "tokens")
+    __slots__ = ("_base", "_base_events", "_carry", "_events", "_framer", "_i", "_list",
+                 "_protocol", "_route", "tokens")
 
     def __init__(self, protocol: str, route: str) -> None:
         self._protocol = protocol
         self._route = route
         self._framer = SSEFramer()
-        self._list: list[Any] | None = None
+        self._list: list[bytes] | None = None
         self._i = 0
-        self._base_sent = 0  # bytes sent when calibration ended (0: still counting)
+        self._events = 0  # events seen
+        self._base_events = 0  # events seen when calibration ended (0: still counting)
         self._base = 0
+        self._carry = ""  # the last word seen, counted with what follows it
         self.tokens = 0
 
     def count_chunks(self, chunks: list[bytes], sent: int) -> int:
-        if self._base_sent:
-            return self._extrapolate(sent)
-        new = self._new(chunks)
-        if new:
-            events: list[bytes] = []
-            for chunk in new:
-                events.extend(self._framer.feed(chunk))
-            if events:
-                text = usage_mod.text_from_events(self._protocol, self._route, events)
-                self.tokens += tokens.count_text(text)
-        return self._calibrated(sent)
-
-    def count_parts(self, parts: list[str], sent: int) -> int:
-        if self._base_sent:
-            return self._extrapolate(sent)
-        new = self._new(parts)
-        if new:
-            self.tokens += tokens.count_text("".join(new))
-        return self._calibrated(sent)
-
-    def _new(self, items: list[Any]) -> list[Any]:
-        if items is not self._list:  # a new list: its items are all new
-            self._list = items
+        if chunks is not self._list:  # a new list: its chunks are all new
+            self._list = chunks
             self._i = 0
-        new = items[self._i:]
-        self._i = len(items)
-        return new
-
-    def _calibrated(self, sent: int) -> int:
-        if sent >= CALIBRATE_BYTES and self.tokens > 0:
-            self._base_sent, self._base = sent, self.tokens
-            self._list = None
+        new = chunks[self._i:]
+        self._i = len(chunks)
+        if self._base_events:
+            self._events += sum(c.count(b"\n\n") + c.count(b"\r\n\r\n") for c in new)
+            events = self._events - self._base_events
+            self.tokens = self._base + (events * self._base + self._base_events - 1) // self._base_events
+            return self.tokens
+        if new:
+            framed: list[bytes] = []
+            for chunk in new:
+                framed.extend(self._framer.feed(chunk))
+            if framed:
+                self._events += len(framed)
+                self._count(usage_mod.text_from_events(self._protocol, self._route, framed))
+        if sent >= CALIBRATE_BYTES and self.tokens > 0 and self._events > 0:
+            self._base_events, self._base = self._events, self.tokens
         return self.tokens
 
-    def _extrapolate(self, sent: int) -> int:
-        base_sent = self._base_sent
-        self.tokens = self._base + (max(0, sent - base_sent) * self._base + base_sent - 1) // base_sent
-        return self.tokens
+    def _count(self, text: str) -> None:
+        """Count `text`, but keep its last word for the next call: a word cut between two
+        calls counted as two pieces would count a token too many each time."""
+        text = self._carry + text
+        cut = max(text.rfind(" "), text.rfind("\n"))
+        if cut <= 0 and len(text) < 256:
+            self._carry = text
+            return
+        if cut <= 0:
+            cut = len(text)
+        self._carry = text[cut:]
+        self.tokens += tokens.count_text(text[:cut])

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 
@@ -29,8 +30,9 @@ from accounting import tokens
 from accounting.journal import Journal
 from accounting.ledger import Ledger
 from accounting.money import parse_usd
-from relay.checkpoints import CALIBRATE_BYTES, OutputMeter, StreamCheckpoints
+from relay.checkpoints import OutputMeter, StreamCheckpoints
 from tests import test_faults
+from tests.gateway import Harness
 from tests.test_faults import (
     _children,
     _user,
@@ -128,7 +130,9 @@ def _chat_events(words: list[str]) -> bytes:
 def test_the_output_meter_counts_each_chunk_once_whatever_the_cuts() -> None:
     words = ["Hello", " there", ",", " how", " are", " you", "?"]
     events = _chat_events(words) + b"data: [DONE]\n\n"
-    whole = tokens.count_text("".join(words))
+    # The last word waits for what follows it (a word cut between two counts would
+    # count a token too many), so the count stands at the text before it.
+    upto = tokens.count_text("Hello there, how are")
     for step in (1, 7, 50, len(events)):
         meter = OutputMeter("openai", "chat")
         chunks: list[bytes] = []
@@ -136,15 +140,15 @@ def test_the_output_meter_counts_each_chunk_once_whatever_the_cuts() -> None:
         for i in range(0, len(events), step):
             chunks.append(events[i:i + step])
             counts.append(meter.count_chunks(chunks, i + step))
-        assert counts[-1] == whole and counts == sorted(counts)
+        assert counts[-1] == upto and counts == sorted(counts)
         # Nothing new: nothing counted twice.
-        assert meter.count_chunks(chunks, len(events)) == whole
-    parts_meter = OutputMeter("openai", "chat")
-    parts: list[str] = []
-    for n, w in enumerate(words):
-        parts.append(w)
-        parts_meter.count_parts(parts, 100 * n)
-    assert abs(parts_meter.tokens - whole) <= 2  # counted in pieces, not as one text
+        assert meter.count_chunks(chunks, len(events)) == upto
+    # A word split between two counts is counted once, as a whole.
+    meter = OutputMeter("openai", "chat")
+    chunks = [_chat_events(["Hello wonder"])]
+    meter.count_chunks(chunks, 10)
+    chunks.append(_chat_events(["ful world and"]))
+    assert meter.count_chunks(chunks, 20) == tokens.count_text("Hello wonderful world")
 
 
 def test_the_output_meter_extrapolates_a_long_stream_from_its_first_bytes() -> None:
@@ -159,10 +163,10 @@ def test_the_output_meter_extrapolates_a_long_stream_from_its_first_bytes() -> N
         sent += len(ev)
         if n % 20 == 0:  # a tick about every 20 chunks
             meter.count_chunks(chunks, sent)
-    assert meter._base_sent and meter._base_sent < 3 * CALIBRATE_BYTES
+    assert meter._base_events  # calibrated: from here on, events are counted, not parsed
     chunks.append(b"data: not even json\n\n")  # past calibration, chunks are not read
     got = meter.count_chunks(chunks, sent)
-    assert exact <= got <= exact * 1.05, (got, exact)
+    assert abs(got - exact) <= exact * 0.05, (got, exact)
 
 
 
@@ -276,3 +280,98 @@ async def test_kill9_mid_stream_bills_every_stream_that_sent_content_exactly_onc
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         sp.kill()
+
+
+# --- the gateway's checkpoints against its settled rows --------------------------------
+
+
+class Recorder:
+    """The gateway's ledger, with every row it is given kept for the test."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+        self.checkpoints: list[tuple[Any, ...]] = []
+        self.settled: list[tuple[Any, ...]] = []
+
+    def checkpoint(self, row: tuple[Any, ...]) -> None:
+        self.checkpoints.append(row)
+        self.ledger.checkpoint(row)
+
+    def forget_checkpoint(self, request_id: str) -> None:
+        self.ledger.forget_checkpoint(request_id)
+
+    def record(self, row: tuple[Any, ...]) -> None:
+        self.settled.append(row)
+        self.ledger.record(row)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ledger, name)
+
+
+ROUTES = {
+    # route, model: passthrough on both protocols, translated both ways, Responses
+    "chat": ("/v1/chat/completions", "gpt-4o-mini"),
+    "messages": ("/v1/messages", "claude-sonnet-4-6"),
+    "chat-to-anthropic": ("/v1/chat/completions", "claude-sonnet-4-6"),
+    "messages-to-openai": ("/v1/messages", "gpt-4o-mini"),
+    "responses": ("/v1/responses", "gpt-4o-mini"),
+}
+# Fields a checkpoint shares with the row its stream settles with (accounting.records):
+# all but the usage counts, usage_source, cost and latency.
+SHARED = [i for i in range(30) if i not in (14, 15, 16, 17, 18, 19, 20, 22)]
+
+
+@pytest.mark.parametrize("case", list(ROUTES))
+async def test_a_checkpoint_is_the_row_its_stream_settles_with_as_far_as_it_went(
+        pg_dsn: str, case: str) -> None:
+    path, model = ROUTES[case]
+    h = await Harness().start(pg_dsn)
+    try:
+        _, _, secret = await h.user_and_key()
+        gw = h.worker.gw  # type: ignore[union-attr]
+        rec_ledger = Recorder(gw.ledger)
+        gw.ledger = rec_ledger
+        gw.checkpoints._ledger = rec_ledger
+        gw.checkpoints._interval = 0.05
+        body: dict[str, Any] = {"model": model, "stream": True, "max_tokens": 100}
+        if path == "/v1/responses":
+            body["input"] = "hi"
+            del body["max_tokens"]
+        else:
+            body["messages"] = [{"role": "user", "content": "hi"}]
+        # The mock's knobs as headers: a translated body carries no "mock" member.
+        headers = {"Authorization": f"Bearer {secret}", "x-request-id": f"cmp-{case}",
+                   "anthropic-version": "2023-06-01", "x-mock-chunks": "40",
+                   "x-mock-delay-ms": "25", "x-mock-input-tokens": "321"}
+        async with aiohttp.ClientSession() as s, s.post(
+                h.url + path, json=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30)) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+        await until(lambda: bool(rec_ledger.settled))
+        (final,) = rec_ledger.settled
+        assert rec_ledger.checkpoints, "a 1 s stream checkpointed every 50 ms left none"
+        assert {c[1] for c in rec_ledger.checkpoints} == {final[1]}
+        assert gw.ledger.journal.live_checkpoints == 0  # forgotten once settled
+        last = rec_ledger.checkpoints[-1]
+        assert len(last) == len(final)
+        assert [last[i] for i in SHARED] == [final[i] for i in SHARED]
+        assert last[19] == "interrupted" and final[19] == "upstream"
+        # Output so far, counted (40 "hello " deltas: 40 tokens in all, reported by the
+        # mock at the end), at most one word behind what was sent.
+        outs = [c[15] for c in rec_ledger.checkpoints]
+        assert final[15] == 40 and len(outs) >= 3
+        assert outs == sorted(outs) and 0 < outs[0] and outs[-1] <= final[15] + 2
+        if case in ("messages", "chat-to-anthropic"):
+            assert last[14] == final[14] == 321  # message_start gave the input exactly
+        assert last[20] > 0
+        await h.flush()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            rows = await conn.fetch("SELECT usage_source, cost_nano FROM usage_log WHERE request_id = $1",
+                                    final[1])
+        finally:
+            await conn.close()
+        assert [(r["usage_source"], r["cost_nano"]) for r in rows] == [("upstream", final[20])]
+    finally:
+        await h.stop()
