@@ -20,7 +20,11 @@ def site(pg_dsn: str) -> Iterator[Site]:
     s.close()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps its event loop set as the main
+# thread's running loop while it is open, and every async test after it then fails
+# ("Runner.run() cannot be called from a running event loop"). Closed with the module,
+# the tests that follow run on loops of their own.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium is not installed (apt-get install chromium fonts-noto-cjk)")
