@@ -7,7 +7,10 @@ anything. The chosen one: one open-loop client sends a fixed-rate mix (chat, str
 messages, translated, invalid requests, client aborts) at a real `python -m relay serve`
 (two workers, Redis limits, its own database `tollway_soak`), and every few minutes
 injects one fault in turn: an upstream 500 burst, upstream stalls, a client disconnect
-burst, SIGTERM + restart, kill -9 + restart. Every 10 s it samples what was served,
+burst, kill -9 of one worker (the supervisor restarts it), SIGTERM + restart, kill -9 +
+restart. Beside the open loop, closed-loop clients (`--loop-clients`, 40) send one small
+stream after another on a key of their own (`--loop-concurrency`, 100): fewer clients
+than the key's limit, so no answer of theirs may be a 429, through every fault. Every 10 s it samples what was served,
 errors by cause, RSS and open fds of the gateway's process tree and the ledger backlog.
 At the end it stops the gateway (SIGTERM: the ledger drains) and reconciles Postgres
 against what the client saw: every request the client saw complete has exactly one usage
@@ -223,6 +226,8 @@ class Load:
             s.counts[f"expected_{status}"] += 1
         elif kind == "capped" and status == 402:
             s.counts["capped_402"] += 1
+        elif status == 429 and b"Rate limit state unavailable" in data:
+            s.bad("status_429_state_unavailable", f"{kind} {data[:160]!r}")
         elif status >= 500 and injected:
             s.counts[f"injected_{injected}_{status}"] += 1
         elif status >= 500 and max(t0, time.monotonic()) < s.upstream_fault_until:
@@ -275,6 +280,61 @@ class Load:
         except (aiohttp.ClientError, OSError, TimeoutError):
             self.seen.counts["conn_during_restart" if time.monotonic() < self.seen.restarting_until
                              else "bad_key_conn_error"] += 1
+
+
+class Loopers:
+    """Closed-loop clients on one key: each sends, reads the whole answer, sends again.
+
+    The key's concurrency is above the number of clients, so a 429 is a limiter bug
+    (issue 20: 63,503 x 429 "concurrency limit reached" against 5,415 x 200 with two
+    workers, around a worker's kill -9). After a non-200 a client pauses 10 ms, which
+    keeps a refused client from spinning the shared host.
+    """
+
+    BODY = json.dumps({"model": OPENAI_MODEL, "max_tokens": 16, "stream": True,
+                       "messages": [{"role": "user", "content": "loop"}],
+                       "mock": {"chunks": 5, "delay_ms": 20}}).encode()
+
+    def __init__(self, port: int, key: str, seen: Seen) -> None:
+        self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        self.headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        self.seen = seen
+        self.counts: Counter[str] = Counter()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, session: aiohttp.ClientSession, n: int) -> None:
+        self.tasks = [asyncio.create_task(self.client(session)) for _ in range(n)]
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def client(self, session: aiohttp.ClientSession) -> None:
+        c = self.counts
+        while True:
+            t0 = time.monotonic()
+            try:
+                async with session.post(self.url, data=self.BODY, headers=self.headers) as r:
+                    data = await r.read()
+                    status = r.status
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                restart = t0 < self.seen.restarting_until or time.monotonic() < self.seen.restarting_until
+                c["conn_error_restart" if restart else "conn_error"] += 1
+                await asyncio.sleep(0.01)
+                continue
+            if status == 200 and b"data: [DONE]" in data[-256:]:
+                c["ok"] += 1
+                continue
+            if status == 200:
+                c["stream_incomplete"] += 1
+            else:
+                try:
+                    message = json.loads(data)["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = data[:60].decode(errors="replace")
+                c[f"{status} {message}"] += 1
+            await asyncio.sleep(0.01)
 
 
 # --- the gateway process ------------------------------------------------------------------
@@ -398,7 +458,7 @@ async def _scrape(session: aiohttp.ClientSession, port: int) -> dict[str, float]
 # --- the run --------------------------------------------------------------------------------
 
 
-async def setup_db(dsn: str) -> tuple[list[int], list[str], str]:
+async def setup_db(dsn: str, loop_concurrency: int) -> tuple[list[int], list[str], str, str]:
     await _pg_exec(PG_ADMIN_DSN, f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
     await _pg_exec(PG_ADMIN_DSN, f'CREATE DATABASE "{DB}"')
     await migrate.apply_dsn(dsn)
@@ -413,6 +473,9 @@ async def setup_db(dsn: str) -> tuple[list[int], list[str], str]:
         cuid = await store.create_user(conn, "soak-capped", parse_usd("1000"))
         _, capped = await store.create_key(conn, cuid, name="capped", cap_nano=parse_usd(CAP_USD))
         users.append(cuid)
+        luid = await store.create_user(conn, "soak-loop", parse_usd("1000"))
+        _, looped = await store.create_key(conn, luid, name="loop", concurrency=loop_concurrency)
+        users.append(luid)
     finally:
         await conn.close()
     import redis.asyncio as aioredis
@@ -422,7 +485,7 @@ async def setup_db(dsn: str) -> tuple[list[int], list[str], str]:
         await r.flushdb()  # database 12 is the soak's own: stale leases from a previous run go
     finally:
         await r.aclose()
-    return users, keys, capped
+    return users, keys, capped, looped
 
 
 async def reconcile(dsn: str, seen: Seen) -> dict[str, Any]:
@@ -474,7 +537,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     gw: Gateway | None = None
     load: Load | None = None
     try:
-        users, keys, capped = await setup_db(dsn)
+        users, keys, capped, looped = await setup_db(dsn, args.loop_concurrency)
         mock_port = free_port()
         mock = procs.spawn([PY, "-m", MOCK_MODULE, "--host", "127.0.0.1", "--port", str(mock_port)], work / "mock.log")
         err = wait_ready(mock, mock_port, {"authorization": f"Bearer {UPSTREAM_KEY}"}, work / "mock.log")
@@ -487,9 +550,12 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         load = Load(gw.port, keys, capped, seen)
         await load.open()
         assert load.session is not None
+        loopers = Loopers(gw.port, looped, seen)
+        loopers.start(load.session, args.loop_clients)
+        last_loop: Counter[str] = Counter()
 
         total = args.minutes * 60.0
-        faults = ["upstream_500", "stall", "disconnect_burst", "sigterm", "kill9"]
+        faults = ["upstream_500", "stall", "disconnect_burst", "kill9_worker", "sigterm", "kill9"]
         every = min(180.0, total / (len(faults) + 1))
         t_start = time.monotonic()
         next_fault = t_start + every
@@ -516,6 +582,16 @@ async def run(args: argparse.Namespace, work: Path) -> int:
             elif name == "disconnect_burst":
                 for _ in range(200):
                     load.spawn("abort")
+            elif name == "kill9_worker":
+                # One worker dies; the supervisor starts another. Connections to the dead
+                # one fail; its leases must come back to the live workers within a second.
+                assert gw.proc is not None
+                workers = procstat.children_map().get(gw.proc.pid, [])
+                ev["workers"] = len(workers)
+                if workers:
+                    seen.restarting_until = t + 5
+                    os.kill(workers[0], signal.SIGKILL)
+                    ev["killed_pid"] = workers[0]
             else:
                 seen.restarting_until = t + 3600  # until it answers again
                 gw.signal(signal.SIGTERM if name == "sigterm" else signal.SIGKILL)
@@ -562,7 +638,10 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                 m = await _scrape(load.session, gw.port)
                 delta = seen.counts - last_counts
                 last_counts = Counter(seen.counts)
+                loop_delta = loopers.counts - last_loop
+                last_loop = Counter(loopers.counts)
                 sample = {"t": round(now - t_start), "served": delta.get("ok", 0), "by_cause": dict(delta),
+                          "loop": dict(loop_delta),
                           "rss_mib": round(rss, 1), "fds": fds, "procs": len(pids),
                           "in_flight_client": len(load.tasks),
                           "ledger_pending": m.get("tollway_ledger_pending_rows"),
@@ -580,6 +659,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         if fault_task is not None:
             await fault_task
         # Let the last requests finish (stalls end within the gateway's 5 s timeouts).
+        await loopers.stop()
         if load.tasks:
             await asyncio.wait(set(load.tasks), timeout=30)
         end_sample = {"rss_mib": procstat.tree_rss_bytes(gw.tree()[:1]) / 2**20, "fds": _fds(gw.tree())}
@@ -591,13 +671,17 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         unexpected = {k: v for k, v in seen.counts.items()
                       if k.startswith(("hang", "conn_error", "status_", "bad_", "unexpected", "stream_incomplete"))
                       and not k.startswith("bad_key_4")}
-        ok = (not unexpected and result["missing_rows"] == 0 and result["doubled_rows"] == 0
+        loop_bad = {k: v for k, v in loopers.counts.items()
+                    if k not in ("ok", "conn_error_restart")}
+        ok = (not unexpected and not loop_bad and result["missing_rows"] == 0 and result["doubled_rows"] == 0
               and result["duplicate_request_ids"] == 0 and not result["balance_mismatches"]
               and not result["key_spend_mismatches"] and not result["cap_exceeded"])
         summary = {
             "command": " ".join(shlex.quote(a) for a in sys.argv), "minutes": args.minutes, "rate": args.rate,
             "workers": args.workers, "started": args.started, "events": events, "counts": dict(seen.counts),
             "unexpected": unexpected, "unexpected_examples": seen.unexpected, "final_exit_rc": rc,
+            "loop_clients": args.loop_clients, "loop_concurrency": args.loop_concurrency,
+            "loop": dict(loopers.counts), "loop_unexpected": loop_bad,
             "gateway_starts": gw.starts, "peak": peak, "end": end_sample, "reconcile": result, "pass": ok,
         }
         (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -615,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--rate", type=int, default=150, help="requests per second (open loop)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--loop-clients", type=int, default=40, help="closed-loop clients on their own key")
+    ap.add_argument("--loop-concurrency", type=int, default=100, help="that key's concurrency limit")
     ap.add_argument("--out", default="", help="output directory (default bench/out/soak-<timestamp>)")
     ap.add_argument("--verbose", action="store_true", help="print every 10 s sample")
     args = ap.parse_args(argv)
