@@ -619,6 +619,8 @@ class Gateway:
                     seen[1] = tokens.estimate_input_tokens(route.protocol_name, body or {})
                 u = Usage(input=seen[1], output=out)
             cost = cost_nano(u, price, multiplier) if price is not None else 0
+            if lease is not None and 0 < lease.reserve < cost:
+                cost = lease.reserve  # an estimate never bills past what admission reserved
             now = self.loop.time()
             return (
                 ROW_FORMAT, req.request_id, ts, key.user_id, key.id, key.group, model,
