@@ -347,3 +347,72 @@ def mask_email(email: str | None) -> str:
 
 
 __all__ = ["Account", "AccountError", "Conflict", "NotFound", "Passwords"]
+
+
+# --- operators ---------------------------------------------------------------------------
+
+# Who may do what on the operator pages: a viewer sees everything an admin sees and
+# changes nothing; only an owner changes operators' roles.
+ROLES = ("user", "viewer", "admin", "owner")
+ROLE_RANK = {r: i for i, r in enumerate(ROLES)}
+OWNER_SETUP_TTL = timedelta(days=1)
+
+
+def check_role(role: str) -> str:
+    if role not in ROLE_RANK:
+        raise AccountError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
+    return role
+
+
+async def set_role(conn: Conn, user_id: int, role: str) -> None:
+    await conn.execute("UPDATE users SET role = $2 WHERE id = $1", user_id, check_role(role))
+
+
+async def set_max_devices(conn: Conn, user_id: int, n: int | None) -> None:
+    if n is not None and not 1 <= n <= 100:
+        raise AccountError("The device limit must be between 1 and 100 (empty: the site's)")
+    await conn.execute("UPDATE users SET max_devices = $2 WHERE id = $1", user_id, n)
+
+
+async def owner_exists(conn: Conn) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE role = 'owner')"))
+
+
+async def new_owner_setup(conn: Conn) -> str | None:
+    """While no owner exists: a fresh one-time set-up token (the previous one stops
+    working); None once there is an owner."""
+    token = secrets.token_urlsafe(24)
+    async with store._transaction(conn) as tx:
+        await tx.execute("LOCK TABLE owner_setup IN EXCLUSIVE MODE")
+        if await owner_exists(tx):
+            await tx.execute("DELETE FROM owner_setup")
+            return None
+        await tx.execute(
+            "INSERT INTO owner_setup (token_hash, expires_at) VALUES ($1, now() + $2::interval)"
+            " ON CONFLICT (one) DO UPDATE SET token_hash = EXCLUDED.token_hash,"
+            " expires_at = EXCLUDED.expires_at, created_at = now()",
+            _code_hash(token), OWNER_SETUP_TTL)
+    return token
+
+
+async def owner_setup_ok(conn: Conn, token: str) -> bool:
+    if not token or await owner_exists(conn):
+        return False
+    h = await conn.fetchval("SELECT token_hash FROM owner_setup WHERE expires_at > now()")
+    return h is not None and hmac.compare_digest(bytes(h), _code_hash(token))
+
+
+async def create_owner(conn: Conn, token: str, email: str, password_hash: str) -> int:
+    """Spend the set-up token: the first owner, with a verified email."""
+    email = normalize_email(email)
+    async with store._transaction(conn) as tx:
+        await tx.execute("LOCK TABLE owner_setup IN EXCLUSIVE MODE")
+        if not await owner_setup_ok(tx, token):
+            raise AccountError("This set-up link has expired.")
+        existing = await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1)", email)
+        uid = existing if existing is not None else await store.create_user(tx, email)
+        await tx.execute(
+            "UPDATE users SET email = $2, password_hash = $3, email_verified = true, role = 'owner',"
+            " credits_granted = true WHERE id = $1", uid, email, password_hash)
+        await tx.execute("DELETE FROM owner_setup")
+    return int(uid)

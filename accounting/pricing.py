@@ -17,9 +17,10 @@ tokens are never billed above uncached ones by a missing setting.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any, Protocol
 
@@ -77,6 +78,7 @@ class PriceRow:
     output: int
     cache_read: int
     cache_write: int
+    effective_at: float = 0.0  # epoch seconds this version takes effect; 0: when written
 
     def __post_init__(self) -> None:
         for name in ("version", "input", "output", "cache_read", "cache_write"):
@@ -120,26 +122,56 @@ class PriceBook:
     Fed by `apply(rows)` from `load_since`; a worker polls about once a second.
     """
 
-    __slots__ = ("_current", "_versions", "last_version")
+    __slots__ = ("_current", "_due", "_pending", "_versions", "clock", "last_version")
 
-    def __init__(self, rows: Iterable[PriceRow] = ()) -> None:
+    def __init__(self, rows: Iterable[PriceRow] = (), clock: Any = time.time) -> None:
         self._current: dict[str, PriceRow] = {}
         self._versions: dict[int, PriceRow] = {}
+        # Versions written ahead of their time, and the earliest of their instants: the
+        # hot path compares one float while any is pending, nothing otherwise.
+        self._pending: list[PriceRow] = []
+        self._due: float | None = None
+        self.clock = clock
         self.last_version = 0  # highest version applied: pass it to load_since
         self.apply(rows)
 
     def apply(self, rows: Iterable[PriceRow]) -> None:
-        """Add versions; for each model the highest version becomes current."""
+        """Add versions; for each model the highest version in effect becomes current,
+        and a version scheduled for later becomes current at its instant."""
+        now = self.clock()
         for row in rows:
             self._versions[row.version] = row
-            cur = self._current.get(row.model)
-            if cur is None or row.version > cur.version:
-                self._current[row.model] = row
             if row.version > self.last_version:
                 self.last_version = row.version
+            if row.effective_at > now:
+                self._pending.append(row)
+                if self._due is None or row.effective_at < self._due:
+                    self._due = row.effective_at
+                continue
+            self._make_current(row)
+
+    def _make_current(self, row: PriceRow) -> None:
+        cur = self._current.get(row.model)
+        if cur is None or row.version > cur.version:
+            self._current[row.model] = row
+
+    def _promote(self, now: float) -> None:
+        due = [r for r in self._pending if r.effective_at <= now]
+        self._pending = [r for r in self._pending if r.effective_at > now]
+        for row in sorted(due, key=lambda r: r.version):
+            self._make_current(row)
+        self._due = min((r.effective_at for r in self._pending), default=None)
+
+    def scheduled(self) -> list[PriceRow]:
+        """Versions waiting for their instant, soonest first."""
+        if self._due is not None:
+            self._promote(self.clock())
+        return sorted(self._pending, key=lambda r: (r.effective_at, r.version))
 
     def lookup(self, model: str) -> PriceRow:
         """The current price for `model`, else the current "default" price, else UnknownPrice."""
+        if self._due is not None and self.clock() >= self._due:
+            self._promote(self.clock())
         row = self._current.get(model)
         if row is None:
             row = self._current.get(DEFAULT_MODEL)
@@ -152,6 +184,8 @@ class PriceBook:
         return self._versions.get(version)
 
     def models(self) -> list[str]:
+        if self._due is not None:
+            self._promote(self.clock())
         return sorted(self._current)
 
 
@@ -274,11 +308,13 @@ def explain(usage: Usage, price: PriceRow, multiplier: Fraction) -> dict[str, An
 
 # --- storage (start-up, admin, poller; never per request) ----------------------------
 
-_COLUMNS = "id, model, input, output, cache_read, cache_write"
+_COLUMNS = "id, model, input, output, cache_read, cache_write, effective_at"
 
 
 def _row(r: asyncpg.Record) -> PriceRow:
-    return PriceRow(r["id"], r["model"], r["input"], r["output"], r["cache_read"], r["cache_write"])
+    at = r["effective_at"]
+    return PriceRow(r["id"], r["model"], r["input"], r["output"], r["cache_read"], r["cache_write"],
+                    at.timestamp() if at is not None else 0.0)
 
 
 async def load_since(conn: asyncpg.Connection, since_id: int) -> list[PriceRow]:
@@ -300,18 +336,19 @@ async def load_version(conn: asyncpg.Connection, version: int) -> PriceRow | Non
 
 async def _current(conn: asyncpg.Connection, models: Sequence[str]) -> dict[str, PriceRow]:
     rows = await conn.fetch(
-        f"SELECT DISTINCT ON (model) {_COLUMNS} FROM prices"
-        " WHERE model = ANY($1::text[]) ORDER BY model, id DESC",
+        f"SELECT DISTINCT ON (model) {_COLUMNS} FROM prices WHERE model = ANY($1::text[])"
+        " AND (effective_at IS NULL OR effective_at <= now()) ORDER BY model, id DESC",
         list(models),
     )
     return {r["model"]: _row(r) for r in rows}
 
 
-async def _insert(conn: asyncpg.Connection, row: PriceRow, created_by: str) -> PriceRow:
+async def _insert(conn: asyncpg.Connection, row: PriceRow, created_by: str,
+                  effective_at: datetime | None = None) -> PriceRow:
     r = await conn.fetchrow(
-        "INSERT INTO prices (model, input, output, cache_read, cache_write, created_by)"
-        f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}",
-        row.model, row.input, row.output, row.cache_read, row.cache_write, created_by,
+        "INSERT INTO prices (model, input, output, cache_read, cache_write, created_by, effective_at)"
+        f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+        row.model, row.input, row.output, row.cache_read, row.cache_write, created_by, effective_at,
     )
     assert r is not None
     return _row(r)
@@ -342,14 +379,21 @@ async def sync_config_prices(
     return created
 
 
-async def set_price(conn: asyncpg.Connection, model: str, price: Price, created_by: str) -> PriceRow:
-    """Make `price` current for `model`; returns the current version afterwards.
+async def set_price(conn: asyncpg.Connection, model: str, price: Price, created_by: str,
+                    effective_at: datetime | None = None) -> PriceRow:
+    """Make `price` current for `model` (at `effective_at`, or now); returns the version.
 
-    A price equal to the current one creates no version and returns the current row.
+    An immediate price equal to the current one creates no version and returns the
+    current row. A scheduled one is always a new version: it becomes current at its
+    instant unless a newer version has taken effect by then.
     """
     row = row_from_price(model, price)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(1886546275)")
+        if effective_at is not None:
+            if effective_at <= datetime.now(UTC):
+                raise ValueError("effective_at: must be in the future (leave it out to apply now)")
+            return await _insert(conn, row, created_by, effective_at)
         cur = (await _current(conn, [model])).get(model)
         if cur is not None and cur.same_price(row):
             return cur
@@ -362,4 +406,20 @@ async def history(conn: asyncpg.Connection, model: str) -> list[PriceVersion]:
         f"SELECT {_COLUMNS}, created_at, created_by FROM prices WHERE model = $1 ORDER BY id DESC",
         model,
     )
+    return [PriceVersion(_row(r), r["created_at"], r["created_by"]) for r in rows]
+
+
+async def current_all(conn: asyncpg.Connection) -> list[PriceRow]:
+    """The version in effect now for every model, by model."""
+    rows = await conn.fetch(
+        f"SELECT DISTINCT ON (model) {_COLUMNS} FROM prices"
+        " WHERE effective_at IS NULL OR effective_at <= now() ORDER BY model, id DESC")
+    return [_row(r) for r in rows]
+
+
+async def scheduled(conn: asyncpg.Connection) -> list[PriceVersion]:
+    """Versions written to take effect later, soonest first."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS}, created_at, created_by FROM prices WHERE effective_at > now()"
+        " ORDER BY effective_at, id")
     return [PriceVersion(_row(r), r["created_at"], r["created_by"]) for r in rows]

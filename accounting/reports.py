@@ -341,12 +341,14 @@ async def audit_entries(
     args.append(limit + 1)
     clause = (" WHERE " + " AND ".join(clauses)) if clauses else ""
     rows = await conn.fetch(
-        f"SELECT id, at, actor, action, target, detail::text AS detail FROM audit_log{clause}"
+        f"SELECT id, at, actor, action, target, detail::text AS detail, before::text AS before"
+        f" FROM audit_log{clause}"
         f" ORDER BY id DESC LIMIT ${len(args)}", *args)
     out = []
     for r in rows:
         d = dict(r)
         d["detail"] = orjson.loads(d["detail"])
+        d["before"] = None if d["before"] is None else orjson.loads(d["before"])
         out.append(d)
     more = len(out) > limit
     out = out[:limit]

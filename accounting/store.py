@@ -628,10 +628,14 @@ async def fetch_channels(conn: Conn, since_version: int = 0) -> tuple[list[Chann
 
 
 async def audit(
-    conn: Conn, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None
+    conn: Conn, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None,
+    *, before: dict[str, Any] | None = None,
 ) -> None:
-    """Record who did what. Callers pass no secrets in `detail` (ids and prefixes only)."""
+    """Record who did what: `detail` is what the change set, `before` what it replaced.
+    Callers pass no secrets in either (ids and prefixes only)."""
     await conn.execute(
-        "INSERT INTO audit_log (actor, action, target, detail) VALUES ($1, $2, $3, $4::jsonb)",
+        "INSERT INTO audit_log (actor, action, target, detail, before)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb)",
         actor, action, target, orjson.dumps(detail or {}, default=str).decode(),
+        None if before is None else orjson.dumps(before, default=str).decode(),
     )

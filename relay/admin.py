@@ -65,6 +65,9 @@ class Admin:
 
     def handler(self, action: Action) -> Callable[[Call], Awaitable[Any]]:
         async def run(call: Call) -> Any:
+            live = getattr(self.gw, "settings", None)
+            if live is not None:
+                await live.refresh(self.gw.db)
             return await action(Op(self.env(), call.ctx, call.params, call.query, call.body))
 
         run.__name__ = getattr(action, "__name__", "handler")

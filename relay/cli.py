@@ -206,16 +206,58 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 # --- users -------------------------------------------------------------------------------
 
 
+def _op(conn: asyncpg.Connection, args: argparse.Namespace, fields: dict[str, Any],
+        params: dict[str, str] | None = None) -> Any:
+    """An operator action run from the shell: the same relay.ops function the admin API
+    and the operator pages call, over this command's one connection."""
+    from relay.ops.base import Env, OneConnection, Op
+
+    return Op(Env(args.cfg, OneConnection(conn)), actor(), params or {}, {}, fields)
+
+
+async def _run_op(action: Any, op: Any) -> Any:
+    from relay.errors import GatewayError
+    from relay.ops.parse import mapped
+
+    try:
+        return await mapped(action)(op)
+    except GatewayError as exc:
+        raise CliError(exc.message)
+
+
 @db_command
 async def _users_create(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    balance = usd(args.balance, "--balance") if args.balance else 0
-    u = await store.get_user(conn, await store.create_user(conn, args.name, balance))
-    assert u is not None
-    await store.audit(conn, actor(), "user.create", u.name, {"balance_nano": balance})
+    from relay.ops import users
+
+    if args.email is None and args.role not in (None, "user"):
+        raise CliError("--role needs --email: an operator signs in to the console")
+    if args.email is None:
+        fields: dict[str, Any] = {"name": args.name}
+        if args.balance:
+            fields["balance_nano"] = usd(args.balance, "--balance")
+        made = await _run_op(users.users_create, _op(conn, args, fields))
+        if args.json:
+            print_json(made.body)
+        else:
+            print(f"created user {made.body['name']} (id {made.body['id']}),"
+                  f" balance {made.body['balance_usd']} USD")
+        return EXIT_OK
+    made = await _run_op(users.users_invite, _op(
+        conn, args, {"name": args.name, "email": args.email, "role": args.role or "user"}))
+    out = dict(made.body)
+    if args.balance:
+        await _run_op(users.users_adjust, _op(conn, args, {"amount": args.balance,
+                                                           "note": "opening balance"},
+                                              {"user": str(out["id"])}))
+    base = (args.cfg.accounts.public_url
+            or f"http://{args.cfg.server.host}:{args.cfg.server.port}").rstrip("/")
+    url = f"{base}/console/set-password?token={out.pop('setup_token')}"
     if args.json:
-        print_json(user_json(u))
+        print_json({**out, "setup_url": url})
     else:
-        print(f"created user {u.name} (id {u.id}), balance {format_usd(u.balance_nano)} USD")
+        print(f"created {out['role']} {out['name']} (id {out['id']}, {out['email']});"
+              " the one-time link to set the password (valid 7 days):")
+        print(url)
     return EXIT_OK
 
 
@@ -453,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = users.add_parser("create", help="create a user")
     p.add_argument("name")
     p.add_argument("--balance", metavar="USD", help="opening balance in USD")
+    p.add_argument("--email", help="console login: prints a one-time link to set the password")
+    p.add_argument("--role", choices=("owner", "admin", "viewer", "user"),
+                   help="console role (default: user); operators need --email")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_users_create)
     p = users.add_parser("topup", help="credit a balance (negative: debit)")

@@ -64,6 +64,7 @@ async def prepare(cfg: Config, dsn: str) -> str | None:
                 " OR groups.models IS DISTINCT FROM EXCLUDED.models",
                 g.name, g.multiplier, list(g.models),
             )
+        await _owner_setup(cfg, conn)
         if cfg.demo.create_demo_user and await conn.fetchval("SELECT count(*) FROM users") == 0:
             from accounting.money import parse_usd
 
@@ -77,6 +78,18 @@ async def prepare(cfg: Config, dsn: str) -> str | None:
 
 
 DEMO_EMAIL = "demo@tollway.local"
+
+
+async def _owner_setup(cfg: Config, conn: Any) -> None:
+    """While the site has no owner, every start prints a fresh one-time link to the page
+    that creates one (`tollway users create NAME --email E --role owner` does the same)."""
+    from accounting import accounts
+
+    token = await accounts.new_owner_setup(conn)
+    if token is not None:
+        host = cfg.accounts.public_url or f"http://{cfg.server.host}:{cfg.server.port}"
+        print(f"tollway: this site has no owner yet; create one (link valid 24 h, once):\n"
+              f"  {host.rstrip('/')}/console/setup-owner?token={token}", flush=True)
 
 
 async def _demo_login(cfg: Config, conn: Any, user_id: int) -> None:

@@ -12,6 +12,8 @@ admin API and the CLI (one code path per action); this package only renders them
     usage.py     usage curve and table, request logs and bills, group health, CSV
     wallet.py    wallet (redeem, transfer, history), plans, invite
     public.py    /pricing and /status
+    tickets.py   support tickets, the key holder's side
+    admin/       the operator's pages under /admin (roles checked by web.Router)
 """
 
 from __future__ import annotations
@@ -62,13 +64,22 @@ FLASH = {
     "bought": "The plan is yours.",
     "renewed": "The plan was renewed.",
     "reset_sent": "If an account exists for this email, we sent it a code.",
+    "need_2fa": "Operators sign in with two-factor authentication: turn it on below to reach the"
+                " operator pages.",
+    "ticket_sent": "Your message was sent.",
+    "done": "Done.",
 }
 
 
 class Console:
-    def __init__(self, gw: Any) -> None:
+    def __init__(self, gw: Any, worker: Any = None) -> None:
         self.gw = gw
-        self.cfg = gw.cfg.accounts
+        self.worker = worker
+        from relay.ops.settings import Live
+
+        self.settings = Live(gw.cfg)
+        self._terms: growth.Terms | None = None
+        gw.settings = self.settings  # the admin API's actions read the same live settings
         self.static = Static()
         self.langs = Languages(self.static)
         a = self.cfg
@@ -78,12 +89,31 @@ class Console:
         self.throttle = Throttle(a.attempts_per_ip, a.attempts_per_account, a.attempts_window_s,
                                  gw.cfg.limits.redis_url)
         self.mailer = Mailer(a)
-        self.terms = growth.Terms.of(gw.cfg.growth)
         self.router = Router(self)
-        from relay.console import auth, home, keys, public, usage, wallet
+        self.settings.listeners.append(self._settings_changed)
+        from relay.console import admin, auth, home, keys, public, usage, wallet
 
-        for module in (auth, home, keys, usage, wallet, public):
+        for module in (auth, home, keys, usage, wallet, public, admin):
             module.routes(self)
+
+    @property
+    def cfg(self) -> Any:
+        """[accounts] with the operator's live settings over it."""
+        return self.settings.accounts
+
+    @property
+    def terms(self) -> growth.Terms:
+        if self._terms is not None:
+            return self._terms
+        return self.settings.growth()
+
+    @terms.setter
+    def terms(self, value: growth.Terms) -> None:
+        """Fixed terms, over the settings (tests)."""
+        self._terms = value
+
+    def _settings_changed(self, live: Any) -> None:
+        self.mailer.cfg = live.accounts
 
     @property
     def db(self) -> Any:
@@ -92,10 +122,15 @@ class Console:
     # --- the gateway's Api interface ---------------------------------------------------
 
     def matches(self, path: bytes) -> bool:
-        return path == b"/" or path.startswith(b"/console") or path in (
+        # /admin/v1/ is the JSON admin API's (relay.admin, tried before this).
+        return path == b"/" or path.startswith((b"/console", b"/admin")) or path in (
             b"/pricing", b"/status", b"/login", b"/register")
 
     async def dispatch(self, req: Request, conn: HttpConnection, rid: bytes) -> None:
+        try:
+            await self.settings.refresh(self.db)
+        except Exception as exc:  # Postgres away: keep the last settings seen
+            log.warning("settings refresh failed: %s", exc)
         await self.router.dispatch(req, conn, rid)
 
     # --- rendering ---------------------------------------------------------------------
@@ -176,4 +211,4 @@ def back(to: str, **flash: str) -> Response:
 
 
 def build(gw: Any, worker: Any = None) -> Console:
-    return Console(gw)
+    return Console(gw, worker)

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
-from accounting import accounts, sessions
+from accounting import accounts, sessions, store
 from accounting.accounts import AccountError
 from accounting.store import Conflict, StoreError
 from relay.console.web import MFA, PUBLIC, USER, Page, Response, redirect
@@ -42,6 +42,11 @@ def routes(c: Any) -> None:
     r.add("POST", "/console/reset/confirm", lambda p: reset_confirm(c, p), PUBLIC)
     r.add("GET", "/console/setup", lambda p: setup_form(c, p), PUBLIC)
     r.add("POST", "/console/setup", lambda p: setup(c, p), PUBLIC)
+    # The link `tollway users create` prints: the same one-time set-up page.
+    r.add("GET", "/console/set-password", lambda p: setup_form(c, p), PUBLIC)
+    r.add("POST", "/console/set-password", lambda p: setup(c, p), PUBLIC)
+    r.add("GET", "/console/setup-owner", lambda p: owner_form(c, p), PUBLIC)
+    r.add("POST", "/console/setup-owner", lambda p: owner_setup(c, p), PUBLIC)
 
 
 async def _to_console(p: Page, to: str = "/console") -> Response:
@@ -51,7 +56,8 @@ async def _to_console(p: Page, to: str = "/console") -> Response:
 
 def _safe_next(target: str) -> str:
     """Only this site's console pages: never an absolute or scheme-relative URL."""
-    if target.startswith("/console") and not target.startswith("//") and "\\" not in target:
+    if target.startswith(("/console", "/admin")) and not target.startswith("//") \
+            and "\\" not in target:
         return target
     return "/console"
 
@@ -296,3 +302,33 @@ async def setup(c: Any, p: Page) -> Response:
     except ACCOUNT_ERRORS as exc:
         return await setup_form(c, p, c._(p, str(exc)), 400)
     return await start_session(c, p, uid, mfa=False, to="/console")
+
+
+# --- the first owner -----------------------------------------------------------------------
+
+
+async def owner_form(c: Any, p: Page, error: str = "", status: int = 200) -> Response:
+    token = p.form.get("token") or p.query.get("token", "")
+    async with c.db.acquire() as conn:
+        ok = await accounts.owner_setup_ok(conn, token)
+    if not ok:
+        return c.render(p, "setup_owner.html", 400, token="", email="",
+                        error=c._(p, "This set-up link has expired, or the site already has an"
+                                     " owner. Restart the gateway for a new link."))
+    return c.render(p, "setup_owner.html", status, token=token, error=error,
+                    email=p.form.get("email", ""))
+
+
+async def owner_setup(c: Any, p: Page) -> Response:
+    token = p.form.get("token", "")
+    await c.throttled(p, "setup", token[:12])
+    try:
+        accounts.check_password(p.form.get("password", ""))
+        hashed = await c.passwords.hash(p.form["password"])
+        async with c.db.acquire() as conn:
+            uid = await accounts.create_owner(conn, token, p.form.get("email", ""), hashed)
+            await store.audit(conn, f"setup:{uid}", "user.owner_setup", str(uid),
+                              {"email": p.form.get("email", "")})
+    except ACCOUNT_ERRORS as exc:
+        return await owner_form(c, p, c._(p, str(exc)), 400)
+    return await start_session(c, p, uid, mfa=False, to="/admin")

@@ -130,6 +130,10 @@ Handler = Callable[[Page], Awaitable[Response]]
 
 _PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 PUBLIC, USER, MFA = 0, 1, 2
+# Operator pages: the least role a route needs. A route's unsafe methods need ADMIN
+# whatever it says, so a viewer can never change anything by a mis-declared route.
+VIEWER, ADMIN, OWNER = 10, 11, 12
+ROLE_ACCESS = {"viewer": VIEWER, "admin": ADMIN, "owner": OWNER}
 
 
 @dataclass(slots=True)
@@ -258,6 +262,18 @@ class Router:
                 return resp
             if page.session.mfa_pending and route.access != MFA:
                 return redirect("/console/login/2fa")
+        if route.access >= VIEWER:
+            assert page.account is not None
+            need = route.access if method == "GET" else max(route.access, ADMIN)
+            have = ROLE_ACCESS.get(page.account.role, USER)
+            if have < need:
+                raise Refused(403, "You do not have access to this page."
+                              if have < VIEWER else "Your role cannot make this change.")
+            if have >= ADMIN and not page.account.totp_enabled:
+                # An operator who can change the site signs in with a second factor.
+                if page.htmx:
+                    return Response(401, b"", headers=[(b"hx-redirect", b"/console/account?ok=need_2fa")])
+                return redirect("/console/account?ok=need_2fa")
         resp = await route.handler(page)
         chosen = page.query.get("lang")
         if chosen in ("en", "zh_Hans") and page.cookies.get(LANG_COOKIE) != chosen:

@@ -49,6 +49,8 @@ class Op:
     params: dict[str, str] = field(default_factory=dict)
     query: dict[str, str] = field(default_factory=dict)
     fields: dict[str, Any] | Callable[[], dict[str, Any]] | None = None
+    # The acting operator's role: the admin token and the shell act as the owner.
+    role: str = "owner"
 
     @property
     def gw(self) -> Any:
@@ -98,6 +100,13 @@ class Op:
 
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+
+def need_owner(op: Op, what: str) -> None:
+    if op.role != "owner":
+        from relay.webapi import ApiError
+
+        raise ApiError(403, "forbidden", f"Only an owner can {what}")
 
 
 def audit_fields(fields: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from relay.ops.base import Op
 from relay.ops.parse import (
     only,
     text,
+    time_,
 )
 from relay.ops.views import (
     price_json,
@@ -21,16 +22,25 @@ from relay.webapi import Reply
 
 async def prices_list(op: Op) -> Any:
     async with op.read() as conn:
-        book = pricing.PriceBook(await pricing.load_since(conn, 0))
-    models = book.models()
+        rows = await pricing.current_all(conn)
     if op.query.get("model"):
-        models = [m for m in models if m == op.query["model"]]
-    return {"data": [price_json(book.lookup(m)) for m in models], "next": None}
+        rows = [r for r in rows if r.model == op.query["model"]]
+    return {"data": [price_json(r) for r in rows], "next": None}
+
+
+async def prices_scheduled(op: Op) -> Any:
+    """Versions written to take effect later (not part of the JSON API's table: the
+    prices page shows them; the API's history lists them with their effective_at)."""
+    async with op.read() as conn:
+        versions = await pricing.scheduled(conn)
+    return {"data": [{**price_json(v.row), "created_at": v.created_at, "created_by": v.created_by}
+                     for v in versions], "next": None}
 
 
 async def prices_set(op: Op) -> Reply:
     body = op.body()
-    only(body, {"model", "input", "output", "cache_read", "cache_write"})
+    only(body, {"model", "input", "output", "cache_read", "cache_write", "effective_at"})
+    effective_at = time_(body, "effective_at")
     model = (text(body, "model", required=True) or "").strip()
     if not model:
         raise E.InvalidRequest("model: must not be empty (\"default\" prices unknown models)")
@@ -45,11 +55,15 @@ async def prices_set(op: Op) -> Reply:
     price = Price(**parts)
     async with op.tx() as conn:
         before = await conn.fetchval("SELECT coalesce(max(id), 0) FROM prices")
-        row = await pricing.set_price(conn, model, price, op.actor)
+        current = (await pricing.current_all(conn))
+        old = next((r for r in current if r.model == model), None)
+        row = await pricing.set_price(conn, model, price, op.actor, effective_at)
         created = row.version > before
         if created:
             await store.audit(conn, op.actor, "price.set", model,
-                              {"version": row.version, **parts})
+                              {"version": row.version, **parts,
+                               "effective_at": effective_at.isoformat() if effective_at else None},
+                              before=None if old is None else price_json(old))
     return Reply(201 if created else 200, {**price_json(row), "created": created})
 
 

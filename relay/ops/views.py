@@ -81,7 +81,9 @@ def with_usd(row: dict[str, Any], *names: str) -> dict[str, Any]:
 def price_json(row: pricing.PriceRow) -> dict[str, Any]:
     return {"model": row.model, "version": row.version, **money("input", row.input),
             **money("output", row.output), **money("cache_read", row.cache_read),
-            **money("cache_write", row.cache_write), "unit": "USD per 1M tokens"}
+            **money("cache_write", row.cache_write), "unit": "USD per 1M tokens",
+            "effective_at": (datetime.fromtimestamp(row.effective_at, UTC)
+                             if row.effective_at else None)}
 
 
 def group_json(g: store.Group) -> dict[str, Any]:

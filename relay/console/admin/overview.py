@@ -1,0 +1,68 @@
+"""The overview: the whole site's requests, spend and errors over the last day (hourly)
+or month (daily), the top users, keys and models, channels by state, and the usage
+ledger's backlog and last flush. Everything is read from the hourly aggregates (never
+usage_log), so the page costs the same at 10 rows or 10M.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from accounting import health, reports
+from relay.console.admin import show
+from relay.console.home import chart_json
+from relay.console.web import VIEWER, Page, Response
+
+TOP = 10
+
+
+def routes(c: Any) -> None:
+    c.router.add("GET", "/admin", lambda p: overview(c, p), VIEWER)
+
+
+async def overview(c: Any, p: Page) -> Response:
+    span = p.query.get("span", "day")
+    if span not in ("day", "month"):
+        span = "day"
+    now = c.now()
+    if span == "day":
+        start, bucket = health.hour_floor(now - timedelta(hours=23)), "hour"
+    else:
+        start, bucket = health.hour_floor(now - timedelta(days=29)), "day"
+    end = now + timedelta(hours=1)
+    day_start = health.hour_floor(now - timedelta(hours=23))
+    async with c.db.acquire() as conn:
+        series = await reports.spend_series(conn, start, end, bucket)
+        users = (await health.health(conn, day_start, end, "user"))
+        keys = (await health.health(conn, day_start, end, "key"))
+        models = (await health.health(conn, day_start, end, "model"))
+        last_row = await conn.fetchval(
+            "SELECT max(last_at) FROM usage_hourly_keys WHERE hour >= $1",
+            health.hour_floor(now - timedelta(hours=2)))
+    totals = {k: sum(int(r[k] or 0) for r in series) for k in ("requests", "errors", "cost_nano")}
+    step = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
+    spend = chart_json(series, c._(p, "Spend (USD)"), start if bucket == "hour" else None,
+                       end - step if bucket == "hour" else None, bucket)
+    by_cost = sorted(users, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
+    keys_by_cost = sorted(keys, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
+    models_by_cost = sorted(models, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
+    status = c.gw.router.status() if getattr(c.gw, "router", None) is not None else {}
+    states: dict[str, list[str]] = {}
+    for name, snap in sorted(status.items()):
+        states.setdefault(str(snap.get("state", "closed")), []).append(name)
+    flusher = getattr(c.worker, "flusher", None) if c.worker is not None else None
+    ledger = flusher.stats() if flusher is not None else None
+    return show(c, p, "overview.html", span=span, series=series, totals=totals, chart=spend,
+                users=by_cost, keys=keys_by_cost, models=models_by_cost, states=states,
+                ledger=ledger, last_row=last_row,
+                errors_chart=_errors_chart(c, p, series, bucket))
+
+
+def _errors_chart(c: Any, p: Page, series: list[dict[str, Any]], bucket: str) -> str:
+    import orjson
+
+    return orjson.dumps({"label": c._(p, "Errors"), "x": [int(r["bucket"].timestamp()) for r in series],
+                         "y": [int(r["errors"] or 0) for r in series],
+                         "n": [int(r["requests"] or 0) for r in series],
+                         "from": None, "to": None}).decode()
