@@ -28,10 +28,7 @@ async def h(pg_dsn: str):
 
 def _admin_routes(h) -> list[tuple[str, str]]:
     router = cc.console_of(h).router
-    out = []
-    for r in router.routes:
-        if r.access >= 10:
-            out.append((r.method, r.regex.pattern))
+    out = [(r.method, r.regex.pattern) for r in router.routes if r.access >= 10]
     assert out
     return out
 
