@@ -119,7 +119,9 @@ class OutputMeter:
     counts a cut stream exactly; only a crash is billed from this estimate.
 
     `chunks` is the exchange's list of stream bytes in the protocol and route given
-    (for a translated stream, the upstream's); `sent` is the exchange's `bytes_out`.
+    (for a translated stream, the upstream's); `sent` is the exchange's `bytes_out`. An
+    exchange may replace its list between calls (handing the chunks on, unchanged): the
+    meter keeps the old one until then and counts what was added to it too.
     """
 
     __slots__ = ("_base", "_base_events", "_carry", "_events", "_framer", "_i", "_list",
@@ -138,10 +140,16 @@ class OutputMeter:
         self.tokens = 0
 
     def count_chunks(self, chunks: list[bytes], sent: int) -> int:
-        if chunks is not self._list:  # a new list: its chunks are all new
+        old = self._list
+        if chunks is old:
+            if len(chunks) < self._i:  # emptied in place: what was in it is gone
+                self._i = 0
+            new = chunks[self._i:]
+        else:
+            # The exchange replaced its list (it hands the chunks on, as credit checks
+            # do): the rest of the old one, then the new one from its start.
+            new = (old[self._i:] if old is not None else []) + chunks
             self._list = chunks
-            self._i = 0
-        new = chunks[self._i:]
         self._i = len(chunks)
         if self._base_events:
             self._events += sum(c.count(b"\n\n") + c.count(b"\r\n\r\n") for c in new)

@@ -143,6 +143,13 @@ def test_the_output_meter_counts_each_chunk_once_whatever_the_cuts() -> None:
         assert counts[-1] == upto and counts == sorted(counts)
         # Nothing new: nothing counted twice.
         assert meter.count_chunks(chunks, len(events)) == upto
+    # An exchange that hands its chunks on and starts a new list loses none of them here.
+    meter = OutputMeter("openai", "chat")
+    first = [_chat_events(["Hello there,"])]
+    meter.count_chunks(first, 10)
+    first.append(_chat_events([" how are"]))
+    second = [_chat_events([" you today?"])]
+    assert meter.count_chunks(second, 30) == tokens.count_text("Hello there, how are you")
     # A word split between two counts is counted once, as a whole.
     meter = OutputMeter("openai", "chat")
     chunks = [_chat_events(["Hello wonder"])]
