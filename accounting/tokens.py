@@ -36,7 +36,7 @@ BYTES_PER_TOKEN_FLOOR = 3
 
 _encoding: tiktoken.Encoding | None = None
 
-_MEDIA = frozenset(
+MEDIA_TYPES = _MEDIA = frozenset(
     ("image", "image_url", "input_image", "document", "file", "input_file", "input_audio", "audio")
 )
 _TEXT_KEYS = ("text", "thinking", "refusal", "arguments", "output", "partial_json")

@@ -1,5 +1,8 @@
 """Token usage out of provider responses and streams, into `accounting.records.Usage`.
 
+The one extractor: the native and the translated paths (relay.translate) both read
+upstream usage through these functions, so a count means the same on every path.
+
 Pure and cheap: functions over already-parsed dicts or raw SSE event bytes, no I/O,
 no logging. The stream taps are fed by the proxy ONLY with events whose bytes contain
 b'"usage"', so they parse at most a handful of events per stream, and must accept any
@@ -8,7 +11,8 @@ without raising. They never modify or re-serialize what the client receives.
 
 Normalisation (see records.Usage): `input` is UNCACHED input.
 - OpenAI chat/completions/embeddings: `prompt_tokens` INCLUDES
-  `prompt_tokens_details.cached_tokens`, so input = prompt - cached.
+  `prompt_tokens_details.cached_tokens` (and `cache_write_tokens`, where a relay
+  reports them), so input = prompt - cached - written.
   (DeepSeek's `prompt_cache_hit_tokens` is read the same way when no details exist.)
 - OpenAI Responses: `input_tokens` includes `input_tokens_details.cached_tokens`.
 - Anthropic: `input_tokens` already excludes `cache_read_input_tokens` and
@@ -29,12 +33,16 @@ from accounting.records import Usage
 
 
 def _n(value: Any) -> int:
-    """A token count from JSON: non-negative int (or integral float), anything else 0."""
+    """A token count from JSON: non-negative int (or integral float), anything else 0
+    (on every path: the translated one reads counts through here too)."""
     if type(value) is int:
         return value if value > 0 else 0
     if type(value) is float and value.is_integer() and value > 0:
         return int(value)
     return 0
+
+
+count = _n  # for the translation layer's own usage fields
 
 
 def _d(value: Any) -> dict[str, Any]:
@@ -53,25 +61,32 @@ def openai_usage(u: dict[str, Any]) -> Usage:
     """Usage from an OpenAI `usage` object, chat/completions/embeddings or Responses shape."""
     if "input_tokens" in u and "prompt_tokens" not in u:
         # Responses API
-        cached = _n(_d(u.get("input_tokens_details")).get("cached_tokens"))
+        details = _d(u.get("input_tokens_details"))
         total_in = _n(u.get("input_tokens"))
+        cached = min(_n(details.get("cached_tokens")), total_in)
+        written = min(_n(details.get("cache_write_tokens")), total_in - cached)
         return Usage(
-            input=max(total_in - cached, 0),
+            input=total_in - cached - written,
             output=_n(u.get("output_tokens")),
-            cache_read=min(cached, total_in),
+            cache_read=cached,
+            cache_write=written,
             reasoning=_n(_d(u.get("output_tokens_details")).get("reasoning_tokens")),
         )
     prompt = _n(u.get("prompt_tokens"))
-    details = u.get("prompt_tokens_details")
-    if isinstance(details, dict):
+    details = _d(u.get("prompt_tokens_details"))
+    if "cached_tokens" in details:
         cached = _n(details.get("cached_tokens"))
     else:
         cached = _n(u.get("prompt_cache_hit_tokens"))
     cached = min(cached, prompt)
+    # Relays that front Anthropic report cache writes inside the prompt, as OpenAI
+    # counts cached tokens: they are billed at the cache-write price, not as input.
+    written = min(_n(details.get("cache_write_tokens")), prompt - cached)
     return Usage(
-        input=prompt - cached,
+        input=prompt - cached - written,
         output=_n(u.get("completion_tokens")),
         cache_read=cached,
+        cache_write=written,
         reasoning=_n(_d(u.get("completion_tokens_details")).get("reasoning_tokens")),
     )
 
@@ -278,4 +293,50 @@ def text_from_events(protocol: str, route: str, events: list[bytes]) -> str:
                     out.append(v)
         else:
             _openai_chat_text(obj, out)
+    return "".join(out)
+
+
+def text_from_body(protocol: str, route: str, obj: dict[str, Any]) -> str:
+    """Text a non-streamed response carries (content, tool calls, reasoning), to estimate
+    the output of a reply that came without a `usage` object."""
+    out: list[str] = []
+    if protocol == "anthropic":
+        for block in obj.get("content") or ():
+            if not isinstance(block, dict):
+                continue
+            for key in ("text", "thinking"):
+                v = block.get(key)
+                if isinstance(v, str):
+                    out.append(v)
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                name = block.get("name")
+                if isinstance(name, str):
+                    out.append(name)
+                out.append(orjson.dumps(block.get("input")).decode())
+    elif route == "responses":
+        for item in obj.get("output") or ():
+            if not isinstance(item, dict):
+                continue
+            for key in ("arguments", "input", "name"):
+                v = item.get(key)
+                if isinstance(v, str):
+                    out.append(v)
+            for key in ("content", "summary"):
+                parts = item.get(key)
+                if isinstance(parts, list):
+                    out.extend(p["text"] for p in parts
+                               if isinstance(p, dict) and isinstance(p.get("text"), str))
+    else:
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                text = choice.get("text")
+                if isinstance(text, str):
+                    out.append(text)
+                msg = choice.get("message")
+                if isinstance(msg, dict):
+                    # The message has the same fields as a stream's delta.
+                    _openai_chat_text({"choices": [{"delta": msg}]}, out)
     return "".join(out)

@@ -22,14 +22,17 @@ from typing import Any
 
 import orjson
 
+from accounting import settlement, tokens
 from accounting import usage as usage_mod
-from accounting.pricing import cost_nano, estimate_max_cost
+from accounting.money import format_usd
+from accounting.pricing import estimate_max_cost
 from accounting.records import ROW_FORMAT, Usage
 from relay import errors as E
 from relay.auth import Groups, KeyCache
 from relay.authguard import AuthGuard
 from relay.checkpoints import OutputMeter, StreamCheckpoints
 from relay.config import Config
+from relay.credit import OutputCredit
 from relay.errors import ANTHROPIC, OPENAI, GatewayError
 from relay.httpserver import HttpConnection, Request
 from relay.proxy import (
@@ -40,14 +43,29 @@ from relay.proxy import (
     WITHHOLD,
     Exchange,
     inject_include_usage,
-    max_output_tokens,
     upstream_headers,
 )
+from relay.request import (
+    BOUNDED_ROUTES,
+    ModelRequest,
+    bound_field,
+    bound_of,
+    choices_of,
+    inject_raw,
+    media_tokens,
+    tight_input_tokens,
+    upstream_bound,
+)
+from relay.request import parse as parse_request
 from relay.requestids import first_id
 from relay.routing import Breaker, Channel, Router
-from relay.sse import SSEFramer
-from relay.sse import fields as sse_fields
-from relay.translated import TranslatingExchange, build_body, count_tokens_locally, plan_for
+from relay.translated import (
+    Plan,
+    TranslatingExchange,
+    count_tokens_locally,
+    plan_for,
+    translate_body,
+)
 from relay.upstream import UpstreamPool, build_request
 
 log = logging.getLogger("tollway.relay")
@@ -128,6 +146,7 @@ class Gateway:
         self._reasoning = up.reasoning_models
         self._reasoning_cache: dict[str, bool] = {}
         self._default_out = cfg.limits.default_max_output_tokens
+        self._max_out = {m: p.max_output_tokens for m, p in cfg.prices if p.max_output_tokens}
         self._charge_zero_aborts = cfg.ledger.charge_zero_output_aborts
         self._trust_rid = cfg.server.trust_client_request_id
         self._log_ip = cfg.server.log_client_ip
@@ -298,19 +317,10 @@ class Gateway:
         self.in_flight += 1
         try:
             key = await self._authenticate(req)
-            try:
-                body = orjson.loads(req.body)
-            except orjson.JSONDecodeError as exc:
-                raise E.InvalidRequest(f"Malformed JSON body: {exc}")
-            if type(body) is not dict:
-                raise E.InvalidRequest("The request body must be a JSON object")
-            m = body.get("model")
-            if type(m) is not str or not m:
-                raise E.InvalidRequest("Missing required field: model (a string)")
-            if len(m) > 256 or not m.isprintable():
-                raise E.InvalidRequest("Invalid model name: at most 256 printable characters")
-            model = m
-            stream = body.get("stream") is True and route.streamable
+            mr = parse_request(req.body, route.name, route.streamable)
+            body = mr.body
+            model = mr.model
+            stream = mr.stream
             channels = self.router.candidates(model, False, protocol, route.name == "responses")
             if not channels:
                 if not self.router.known_model(model):
@@ -326,18 +336,17 @@ class Gateway:
                 except LookupError as exc:
                     raise E.ModelNotFound(str(exc))
                 multiplier = self.groups.multiplier.get(key.group, _ONE)
+            attempt_plan = list(self._attempt_plan(model, channels, route))
+            sent, bodies, max_out, max_in = self._bounded_bodies(req.body, mr, route, attempt_plan)
             if self.limiter is not None:
-                lease = await self._admit(key, model, body, req, price, multiplier, allowed)
+                lease = await self._admit(key, model, body, sent, max_in, max_out, req, price,
+                                          multiplier, allowed, route)
             elif not allowed:
                 raise E.ModelNotAllowed(f"This key may not use the model '{model}'")
 
             mode = NONSTREAM
             if stream:
-                asked = False
-                if route.inject_usage:
-                    so = body.get("stream_options")
-                    asked = type(so) is dict and so.get("include_usage") is True
-                mode = TAP if (asked or not route.inject_usage) else WITHHOLD
+                mode = TAP if (mr.include_usage or not route.inject_usage) else WITHHOLD
             fb_timeout, idle_timeout, total_timeout = self._timeouts
             if self._is_reasoning(model):
                 fb_timeout = self.cfg.upstream.first_byte_timeout_reasoning_s
@@ -345,13 +354,14 @@ class Gateway:
             deadline = t0 + self.cfg.upstream.retry_deadline_s
             answered = model  # the model whose channel answers (a fallback may)
             failed: set[str] = set()
-            for cand_model, ch in self._attempt_plan(model, channels, route):
+            for cand_model, ch in attempt_plan:
                 if attempts >= max_attempts or ch.name in failed:
                     continue
                 plan = None
                 if ch.protocol_id != protocol or (route.name == "responses" and ch.chat_only):
                     plan = plan_for(route.name, ch.protocol, ch.chat_only)
-                    if plan is None:
+                    translated = bodies.get(plan) if plan is not None else None
+                    if translated is None:
                         if route.name == "count_tokens":
                             conn.send(200, [JSON_CT, (b"x-request-id", rid_out)],
                                       count_tokens_locally(body))
@@ -374,11 +384,17 @@ class Gateway:
                     if lh:
                         headers_out.extend(self.anthropic_headers(lh) if protocol == ANTHROPIC else lh)
                 if plan is None:
-                    payload = self._upstream_body(req.body, body, model, upstream_model, mode)
+                    payload = self._upstream_body(sent, body, model, upstream_model, mode)
                     ex = Exchange(self, conn, route, mode, headers_out)
+                    if stream:
+                        credit = ex.credit = OutputCredit(
+                            route.protocol_name, route.name, max_out if lease is not None else 0)
+                        ex.next_check = credit.first_step()
                     path = route.upstream_path + _query(req)
                 else:
-                    payload = build_body(plan, body, upstream_model, stream)
+                    out = bodies[plan]
+                    out["model"] = upstream_model
+                    payload = orjson.dumps(out)
                     ex = TranslatingExchange(self, conn, route, stream, headers_out, plan,
                                              cand_model, body)
                     path = plan.upstream_path
@@ -463,16 +479,65 @@ class Gateway:
                 continue
             return
 
-    async def _admit(self, key: Any, model: str, body: dict[str, Any], req: Request, price: Any,
-                     multiplier: Fraction, allowed: bool) -> Any:
-        # Upper bound of input tokens: a token is at least one byte of the body.
-        est_in = len(req.body)
-        max_out = max_output_tokens(body) or self._default_out
+    def _bounded_bodies(
+        self, raw: bytes, mr: ModelRequest, route: Route, attempt_plan: list[tuple[str, Channel]],
+    ) -> tuple[bytes, dict[Plan, dict[str, Any]], int, int]:
+        """Every body an attempt may send, each with an explicit output bound, and the
+        largest output and input any of them may cost: what admission must reserve.
+
+        A body that names no bound gets the model's `max_output_tokens` (else
+        limits.default_max_output_tokens), written in the field its protocol reads, so
+        no upstream is asked for more than was reserved. A translated body is bounded
+        as its upstream will read it, not as the client wrote it.
+        """
+        body = mr.body
+        if route.name not in BOUNDED_ROUTES:
+            return raw, self._translations(route, mr, attempt_plan), 0, len(raw)
+        per_choice = bound_of(route.name, body)
+        if not per_choice:
+            per_choice = self._max_out.get(mr.model, self._default_out)
+            name = bound_field(route.name, self._is_reasoning(mr.model))
+            body[name] = per_choice
+            raw = inject_raw(raw, name, per_choice)
+        max_out = per_choice * choices_of(route.name, body)
+        max_in = len(raw)
+        bodies = self._translations(route, mr, attempt_plan)
+        for plan, out in bodies.items():
+            up_route = "messages" if plan.upstream_protocol == "anthropic" else "chat"
+            bound = upstream_bound(up_route, out)
+            if not bound:
+                # The mapping dropped the bound (it never should): restore the reserved one.
+                out[bound_field(up_route, self._is_reasoning(mr.model))] = per_choice
+                bound = upstream_bound(up_route, out)
+            max_out = max(max_out, bound)
+            max_in = max(max_in, len(orjson.dumps(out)))
+        return raw, bodies, max_out, max_in
+
+    def _translations(self, route: Route, mr: ModelRequest,
+                      attempt_plan: list[tuple[str, Channel]]) -> dict[Plan, dict[str, Any]]:
+        """The translated body per plan the attempts need, built once (the model is set
+        per attempt)."""
+        out: dict[Plan, dict[str, Any]] = {}
+        for _, ch in attempt_plan:
+            if ch.protocol_id == route.protocol and not (route.name == "responses" and ch.chat_only):
+                continue
+            plan = plan_for(route.name, ch.protocol, ch.chat_only)
+            if plan is not None and plan not in out:
+                out[plan] = translate_body(plan, mr.body, mr.model, mr.stream)
+        return out
+
+    async def _admit(self, key: Any, model: str, body: dict[str, Any], raw: bytes, max_in: int,
+                     max_out: int, req: Request, price: Any, multiplier: Fraction, allowed: bool,
+                     route: Route) -> Any:
+        # Upper bound of input tokens: a token is at least one byte of the body; media
+        # parts (images, audio, files) cost tokens their bytes do not show.
+        est_in = max_in + media_tokens(raw, body)
         reserve = 0
         if price is not None:
             reserve = estimate_max_cost(est_in, max_out, price, multiplier)
         limiter = self.limiter
-        for _ in range(3):
+        tight = False
+        for _ in range(4):
             decision = limiter.admit(key, model, est_in // 4 + max_out, reserve, req.client_ip,
                                      allowed, time.time())
             if decision is None:
@@ -480,9 +545,17 @@ class Gateway:
                 continue
             if hasattr(decision, "release"):
                 return decision
-            exc = E.from_code(decision.code, decision.message, decision.status,
+            if decision.status == 402 and price is not None and not tight:
+                # The fast bound refused: count the input the way the upstream will
+                # before refusing, and try once more with that.
+                tight = True
+                counted = tight_input_tokens(route.protocol_name, body, raw, model)
+                if counted < est_in:
+                    est_in = counted
+                    reserve = estimate_max_cost(est_in, max_out, price, multiplier)
+                    continue
+            raise E.from_code(decision.code, _needed(decision.message, reserve), decision.status,
                               retry_after=decision.retry_after, headers=decision.headers)
-            raise exc
         raise E.RateLimited("Rate limit state unavailable, retry shortly", retry_after=1)
 
     def _is_reasoning(self, model: str) -> bool:
@@ -542,7 +615,10 @@ class Gateway:
                 log.exception("usage estimate failed; recording output only")
                 usage, source = Usage(output=max(1, ex.bytes_out // 4)), "estimated"
             if price is not None and usage is not None:
-                cost = cost_nano(usage, price, multiplier)
+                reserved = abs(lease.reserve) if lease is not None else None
+                cost, capped = settlement.charge(usage, price, multiplier, reserved)
+                if capped:
+                    source = "capped"
         if lease is not None:
             lease.release(cost, usage.total() if usage is not None else 0)
         if self.metrics is not None:
@@ -595,16 +671,18 @@ class Gateway:
             if not ex.started or ex.status >= 400 or ex.bytes_out == seen[0]:
                 return None
             seen[0] = ex.bytes_out
-            if meter is None:
-                meter = (OutputMeter(route.protocol_name, route.name) if plan is None else
-                         OutputMeter(plan.upstream_protocol,
-                                     "messages" if plan.upstream_protocol == "anthropic" else "chat"))
-            out = meter.count_chunks(ex.body_chunks, ex.bytes_out)
             reported: Usage | None
             if plan is not None:
+                if meter is None:
+                    meter = OutputMeter(plan.upstream_protocol,
+                                        "messages" if plan.upstream_protocol == "anthropic" else "chat")
+                chunks = ex.body_chunks
+                ex.body_chunks = []  # counted: a stream holds no more than a tick's bytes
+                out = meter.count_chunks(chunks, ex.bytes_out)
                 mapper = ex.stream_mapper  # type: ignore[attr-defined]
                 reported = getattr(mapper.m, "usage", None) if mapper is not None else None
             else:
+                out = ex.emitted_tokens()  # the credit's count (relay.credit)
                 reported = ex.tap.usage if ex.tap is not None else None
             if out <= 0:
                 return None  # no output yet: nothing is owed (invariant 4)
@@ -618,9 +696,9 @@ class Gateway:
                     from accounting import tokens
                     seen[1] = tokens.estimate_input_tokens(route.protocol_name, body or {})
                 u = Usage(input=seen[1], output=out)
-            cost = cost_nano(u, price, multiplier) if price is not None else 0
-            if lease is not None and 0 < lease.reserve < cost:
-                cost = lease.reserve  # an estimate never bills past what admission reserved
+            # An estimate never bills past what admission reserved (accounting.settlement).
+            reserved = abs(lease.reserve) if lease is not None else None
+            cost = settlement.charge(u, price, multiplier, reserved)[0] if price is not None else 0
             now = self.loop.time()
             return (
                 ROW_FORMAT, req.request_id, ts, key.user_id, key.id, key.group, model,
@@ -637,44 +715,31 @@ class Gateway:
 
     def _usage(self, ex: Exchange, route: Route, body: dict[str, Any] | None,
                stream: bool) -> tuple[Usage | None, str]:
-        from accounting import tokens
-
+        completed = ex.error is None
         if isinstance(ex, TranslatingExchange):
             u, src = ex.usage()
             if u is not None:
                 return u, src
-            est_in = tokens.estimate_input_tokens(route.protocol_name, body or {})
-            return Usage(input=est_in, output=tokens.count_text(ex.emitted_text())), "estimated"
-        completed = ex.error is None
+            emitted = tokens.count_text(ex.emitted_text())
+            return Usage(input=settlement.input_estimate(route.protocol_name, body),
+                         output=emitted), "estimated"
         if not stream:
+            obj = None
             if completed:
                 try:
                     obj = orjson.loads(b"".join(ex.body_chunks))
                 except orjson.JSONDecodeError:
                     obj = None
-                if type(obj) is dict:
-                    u = (usage_mod.from_anthropic_body(obj) if route.protocol == ANTHROPIC
-                         else usage_mod.from_openai_body(obj))
-                    if u is not None:
-                        return u, "upstream"
-            text = ""
-        else:
-            tap_usage = ex.tap.usage if ex.tap is not None else None
-            if completed and tap_usage is not None:
-                return tap_usage, "upstream"
-            events = []
-            framer = SSEFramer()
-            for chunk in ex.body_chunks:
-                events.extend(framer.feed(chunk))
-            payloads = [sse_fields(b)[1] for b in events]
-            text = usage_mod.text_from_events(route.protocol_name, route.name, payloads)
-            if tap_usage is not None and route.protocol == ANTHROPIC:
-                # message_start told us the input side exactly; only output is estimated.
-                return Usage(input=tap_usage.input, cache_read=tap_usage.cache_read,
-                             cache_write=tap_usage.cache_write,
-                             output=max(tap_usage.output, tokens.count_text(text))), "estimated"
-        est_in = tokens.estimate_input_tokens(route.protocol_name, body or {})
-        return Usage(input=est_in, output=tokens.count_text(text)), "estimated"
+            return settlement.reply_usage(route.protocol_name, route.name, obj, body)
+        tap_usage = ex.tap.usage if ex.tap is not None else None
+        if completed and tap_usage is not None:
+            return tap_usage, "upstream"
+        credit = ex.credit
+        if credit is None:
+            credit = OutputCredit(route.protocol_name, route.name, 0)
+        emitted = credit.finish(ex.body_chunks, ex.bytes_out)
+        ex.body_chunks = []
+        return settlement.stream_usage(route.protocol_name, tap_usage, completed, emitted, body)
 
 
 def breaker_factory(cfg: Config) -> Callable[[], Breaker]:
@@ -698,6 +763,13 @@ def _fraction_str(f: Fraction) -> str:
 
 
 _last_fraction: list[Any] = [_ONE, "1"]
+
+
+def _needed(message: str, reserve: int) -> str:
+    """A 402's message with what the request needs, in USD."""
+    if not reserve or "needs" in message:
+        return message
+    return f"{message}: this request needs up to {format_usd(reserve)} USD"
 
 
 def _query(req: Request) -> bytes:

@@ -179,3 +179,23 @@ class OutputMeter:
             cut = len(text)
         self._carry = text[cut:]
         self.tokens += tokens.count_text(text[:cut])
+
+    @property
+    def calibrated(self) -> bool:
+        return self._base_events > 0
+
+    def finish(self, chunks: list[bytes], sent: int) -> int:
+        """The count at the stream's end: what `count_chunks` gives, plus the last word
+        it kept back and an unterminated last event (a cut stream's estimate)."""
+        n = self.count_chunks(chunks, sent)
+        if self._base_events:
+            return n
+        tail = self._framer.pending
+        text = self._carry
+        if tail:
+            self._framer = SSEFramer()
+            text += usage_mod.text_from_events(self._protocol, self._route, [tail])
+        self._carry = ""
+        if text:
+            self.tokens = n = n + tokens.count_text(text)
+        return n

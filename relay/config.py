@@ -205,6 +205,8 @@ class Price:
     output: str
     cache_read: str = ""
     cache_write: str = ""
+    # The output bound written into a request that names none (0: the limits default).
+    max_output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +370,10 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         p = _section(Price, f"prices.{model}", raw)
         for f in fields(Price):
             v = getattr(p, f.name)
+            if f.name == "max_output_tokens":
+                if v > 1 << 24:
+                    raise ConfigError(f"prices.{model}.max_output_tokens: at most {1 << 24}, got {v}")
+                continue
             if v != "" or f.name in ("input", "output"):
                 _check_decimal(f"prices.{model}.{f.name}", v)
         prices.append((model, p))

@@ -26,6 +26,7 @@ from relay.upstream_errors import status_error
 
 if TYPE_CHECKING:
     from relay.app import Gateway, Route
+    from relay.credit import OutputCredit
     from relay.routing import Channel
 
 # Client request headers that never go upstream: hop-by-hop, our own auth, cookies,
@@ -59,10 +60,10 @@ class Exchange:
     """One client request's trip to an upstream; the upstream connection's sink."""
 
     __slots__ = (
-        "_limits", "_watchdog", "aborted", "body_chunks", "bytes_out", "client", "done",
-        "error", "error_body", "error_headers", "first_byte", "framer", "gw", "headers_out",
-        "last_activity", "loop", "mode", "protocol", "response_id", "route", "started", "status",
-        "tap", "upstream", "upstream_rid", "upstream_status",
+        "_limits", "_watchdog", "aborted", "body_chunks", "bytes_out", "client", "credit",
+        "done", "error", "error_body", "error_headers", "first_byte", "framer", "gw",
+        "headers_out", "last_activity", "loop", "mode", "next_check", "protocol", "response_id",
+        "route", "started", "status", "tap", "upstream", "upstream_rid", "upstream_status",
     )
 
     def __init__(self, gw: Gateway, client: HttpConnection, route: Route, mode: int,
@@ -76,7 +77,11 @@ class Exchange:
         self.headers_out = headers_out
         self.framer: SSEFramer | None = SSEFramer() if mode != NONSTREAM else None
         self.tap: Any = None
+        # Non-stream: the whole body (usage is read from it). Stream: only the chunks
+        # since the last credit check (relay.credit), so memory stays bounded.
         self.body_chunks: list[bytes] = []
+        self.credit: OutputCredit | None = None
+        self.next_check = 1 << 62  # bytes_out past which the credit is checked
         self.bytes_out = 0
         self.status = 0
         self.upstream_status = 0
@@ -190,6 +195,37 @@ class Exchange:
                 payload = out[0] if len(out) == 1 else b"".join(out)
                 self.bytes_out += len(payload)
                 self.client.write(payload)
+        if self.bytes_out > self.next_check:
+            self._check_credit()
+
+    def emitted_tokens(self) -> int:
+        """Output tokens this stream emitted so far, by its credit's count (relay.credit)."""
+        if self.credit is None:
+            return 0
+        self._check_credit()
+        return self.credit.counted
+
+    def _check_credit(self) -> None:
+        """The stream passed its next check: count what it emitted since the last; past
+        its credit, end it (billed for what was emitted)."""
+        credit = self.credit
+        if credit is None:
+            self.next_check = 1 << 62
+            return
+        chunks = self.body_chunks
+        self.body_chunks = []
+        step = credit.count(chunks, self.bytes_out)
+        if step < 0:
+            up = self.upstream
+            if up is not None:
+                self.upstream = None
+                up.abort()
+            self.next_check = 1 << 62
+            self.on_fail(E.InsufficientQuota(
+                "The response reached the output this request reserved; it was ended and "
+                "is billed for what was sent"))
+            return
+        self.next_check = self.bytes_out + step
 
     def _feed_tap(self, block: bytes) -> None:
         event, data = fields(block)

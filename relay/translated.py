@@ -111,6 +111,11 @@ def plan_for(route: str, channel_protocol: str, chat_only: bool) -> Plan | None:
 
 
 def build_body(plan: Plan, body: JSON, upstream_model: str, stream: bool) -> bytes:
+    return orjson.dumps(translate_body(plan, body, upstream_model, stream))
+
+
+def translate_body(plan: Plan, body: JSON, upstream_model: str, stream: bool) -> JSON:
+    """The upstream's request body, as a dict (relay.app bounds it before sending)."""
     try:
         out = plan.request(body, upstream_model)
     except TranslationError as exc:
@@ -123,7 +128,7 @@ def build_body(plan: Plan, body: JSON, upstream_model: str, stream: bool) -> byt
         out["stream"] = True
         if plan.upstream_protocol == "openai":
             out["stream_options"] = {"include_usage": True}
-    return orjson.dumps(out)
+    return out
 
 
 class TranslatingExchange(Exchange):
@@ -164,6 +169,8 @@ class TranslatingExchange(Exchange):
     def on_body(self, data: bytes) -> None:
         if self._body_consumed(data):
             return
+        # A reply is translated whole at on_done; a stream's chunks wait for the
+        # checkpoint meter, which takes them each tick (so they never pile up).
         self.body_chunks.append(data)
         mapper = self.stream_mapper
         if not self.started or mapper is None:
@@ -244,9 +251,19 @@ class TranslatingExchange(Exchange):
         return None, "estimated"
 
     def emitted_text(self) -> str:
+        """What the client was sent, as text: for a stream from the mapper, for a reply
+        (which came without usage) from the upstream's body."""
         mapper = self.stream_mapper
         if mapper is not None:
             return "".join(getattr(mapper.m, "text_parts", []))
+        if self.error is None and self.body_chunks:
+            try:
+                obj = orjson.loads(b"".join(self.body_chunks))
+            except orjson.JSONDecodeError:
+                return ""
+            if type(obj) is dict:
+                up = self.plan.upstream_protocol
+                return usage_mod.text_from_body(up, "messages" if up == "anthropic" else "chat", obj)
         return ""
 
 
@@ -258,4 +275,4 @@ def count_tokens_locally(body: JSON) -> bytes:
 
 
 __all__ = ["PLANS", "Plan", "SSEFramer", "TranslatingExchange", "build_body", "count_tokens_locally",
-           "plan_for"]
+           "plan_for", "translate_body"]

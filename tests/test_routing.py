@@ -274,9 +274,9 @@ async def test_retries_back_off(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) ->
     async with gateway(pg_dsn, [*chans, GOOD], upstream={"max_attempts": 4}) as h:
         _, _, secret = await h.user_and_key()
         t0 = time.monotonic()
-        status, headers, _ = await post(h, secret, CHAT)
+        status, headers, _b = await post(h, secret, CHAT)
         took = time.monotonic() - t0
-        assert status == 200
+        assert status == 200, _b
         r = await row(h, headers["x-request-id"])
         assert r["attempts"] == 4 and r["channels_tried"] == "rt-bad0,rt-bad1,rt-bad2,rt-good"
         # Exponential: 0.05 + 0.1 + 0.2 s of backoff at full jitter.

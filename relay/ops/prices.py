@@ -44,7 +44,7 @@ async def prices_set(op: Op) -> Reply:
     model = (text(body, "model", required=True) or "").strip()
     if not model:
         raise E.InvalidRequest("model: must not be empty (\"default\" prices unknown models)")
-    parts = {}
+    parts: dict[str, Any] = {}
     for f in ("input", "output", "cache_read", "cache_write"):
         v = body.get(f)
         if v is None and f in ("input", "output"):

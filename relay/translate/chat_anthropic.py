@@ -47,6 +47,7 @@ import time
 from collections.abc import Collection
 from typing import Any
 
+from accounting import usage as usage_mod
 from accounting.records import Usage
 from relay.translate.common import (
     JSON,
@@ -479,15 +480,13 @@ def anthropic_response_to_openai_chat(
 
 
 def anthropic_usage_from(usage: JSON) -> Usage:
-    """Anthropic usage (input already excludes cache reads and writes) as accounting's Usage."""
-    details = usage.get("output_tokens_details") or {}
-    return Usage(
-        input=usage.get("input_tokens") or 0,
-        output=usage.get("output_tokens") or 0,
-        cache_read=usage.get("cache_read_input_tokens") or 0,
-        cache_write=usage.get("cache_creation_input_tokens") or 0,
-        reasoning=details.get("thinking_tokens") or 0,
-    )
+    """Anthropic usage (input already excludes cache reads and writes) as accounting's
+    Usage, read by the one extractor (accounting.usage)."""
+    u = usage_mod.anthropic_usage(usage if isinstance(usage, dict) else {})
+    details = usage.get("output_tokens_details") if isinstance(usage, dict) else None
+    if isinstance(details, dict):
+        u.reasoning = usage_mod.count(details.get("thinking_tokens"))
+    return u
 
 
 def anthropic_usage_to_openai(usage: JSON) -> JSON:

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from accounting import usage as usage_mod
 from accounting.records import Usage
 
 JSON = dict[str, Any]
@@ -85,24 +86,9 @@ def custom_tool_names(body: JSON) -> frozenset[str]:
 
 def usage_from_openai(usage: JSON) -> Usage:
     """OpenAI usage (chat or Responses names) as accounting's Usage: `input` excludes the
-    cached and cache-written tokens that OpenAI counts inside the prompt."""
-    prompt = usage.get("prompt_tokens")
-    if prompt is None:
-        prompt = usage.get("input_tokens") or 0
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-    cache_read = details.get("cached_tokens") or 0
-    cache_write = details.get("cache_write_tokens") or 0
-    output = usage.get("completion_tokens")
-    if output is None:
-        output = usage.get("output_tokens") or 0
-    out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-    return Usage(
-        input=max(prompt - cache_read - cache_write, 0),
-        output=output,
-        cache_read=cache_read,
-        cache_write=cache_write,
-        reasoning=out_details.get("reasoning_tokens") or 0,
-    )
+    cached and cache-written tokens that OpenAI counts inside the prompt. The one
+    extractor (accounting.usage) reads it, as it does on the native path."""
+    return usage_mod.openai_usage(usage if isinstance(usage, dict) else {})
 
 
 def openai_usage_from(usage: Usage) -> JSON:

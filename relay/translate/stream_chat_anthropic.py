@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from accounting import usage as usage_mod
 from accounting.records import Usage
 from relay.translate.chat_anthropic import (
     ANTHROPIC_STOP_TO_FINISH,
@@ -197,20 +198,23 @@ class AnthropicToOpenAIChatStream:
         }
 
     def _take_usage(self, usage: Any) -> None:
+        """Anthropic usage fields as the one extractor reads them (accounting.usage):
+        present fields replace what message_start said; counts are checked numbers."""
         if not isinstance(usage, dict):
             return
         u = self.usage
+        n = usage_mod.count
         if usage.get("input_tokens") is not None:
-            u.input = usage["input_tokens"]
+            u.input = n(usage["input_tokens"])
         if usage.get("cache_read_input_tokens") is not None:
-            u.cache_read = usage["cache_read_input_tokens"]
+            u.cache_read = n(usage["cache_read_input_tokens"])
         if usage.get("cache_creation_input_tokens") is not None:
-            u.cache_write = usage["cache_creation_input_tokens"]
+            u.cache_write = n(usage["cache_creation_input_tokens"])
         if usage.get("output_tokens") is not None:
-            u.output = usage["output_tokens"]
+            u.output = n(usage["output_tokens"])
         details = usage.get("output_tokens_details")
         if isinstance(details, dict) and details.get("thinking_tokens") is not None:
-            u.reasoning = details["thinking_tokens"]
+            u.reasoning = n(details["thinking_tokens"])
 
     def feed(self, event: str, data: bytes) -> bytes:
         """One Anthropic SSE event (its `event:` name and `data:` payload) -> client bytes."""

@@ -1,0 +1,288 @@
+"""One parse of a model request, and the output bound an upstream may honour for a body.
+
+The problem: a reservation is only as good as the numbers it is computed from. A body
+that names its bound twice (`"max_tokens": 1, "max_tokens": 100000`), in the other
+protocol's field, as a string, or not at all, lets the upstream produce far more than
+was reserved. The naive fix (re-serialise every body, or parse it with a duplicate-
+detecting Python parser) costs more CPU than the rest of the request path.
+
+The chosen one: orjson parses once; the fields the gateway reads are type-checked
+here, once, and a wrong type is a 400 naming the field. Duplicate keys are found by
+counting each top-level key's quoted name in the raw bytes (a C-speed scan); only when
+a name appears twice does the strict parser run, which refuses any duplicate at any
+depth. A name that appears only once at top level cannot be duplicated there, and a
+nested duplicate can only change what the upstream reads as input, which the input
+bound (body bytes) already covers; the tight count (`strict`) checks the whole body.
+
+`upstream_bound()` reads a body the way the upstream that receives it will: per the
+protocol it speaks, the largest of the fields it may honour, times the choices it may
+produce. `set_bound()` writes an explicit bound into a body that has none, so no
+upstream is ever asked for more than was reserved. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+from relay import errors as E
+
+# Largest bound accepted: beyond any model's limit, and it keeps money arithmetic small.
+MAX_BOUND = 1 << 24
+MAX_CHOICES = 128
+
+# Routes whose upstream produces output, and so whose bodies carry a bound.
+BOUNDED_ROUTES = frozenset(("chat", "completions", "responses", "messages"))
+# Fields holding an output bound, per upstream route (as that protocol reads them).
+_BOUND_FIELDS = {
+    "chat": ("max_tokens", "max_completion_tokens"),
+    "completions": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+    "messages": ("max_tokens",),
+}
+# Fields multiplying the bound (choices), per upstream route.
+_CHOICE_FIELDS = {
+    "chat": ("n",),
+    "completions": ("n", "best_of"),
+}
+_INT_FIELDS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of"))
+# Nested names whose duplication would change what an upstream produces or charges,
+# under the top-level member that holds them.
+_NESTED = (("thinking", b'"budget_tokens"'), ("stream_options", b'"include_usage"'),
+           ("reasoning", b'"effort"'))
+_QUOTED: dict[str, bytes] = {}
+
+
+class ModelRequest:
+    """What the gateway read from a body, checked once."""
+
+    __slots__ = ("body", "include_usage", "model", "stream")
+
+    def __init__(self, body: dict[str, Any], model: str, stream: bool, include_usage: bool) -> None:
+        self.body = body
+        self.model = model
+        self.stream = stream
+        self.include_usage = include_usage
+
+
+def _quoted(name: str) -> bytes:
+    q = _QUOTED.get(name)
+    if q is None:
+        q = orjson.dumps(name)
+        if len(_QUOTED) < 4096:  # names come from clients: bounded
+            _QUOTED[name] = q
+    return q
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise E.InvalidRequest(f"Duplicate key in the request body: {k!r}")
+        out[k] = v
+    return out
+
+
+def strict(raw: bytes) -> None:
+    """Refuse a body with a duplicate object key at any depth (a 400)."""
+    try:
+        json.loads(raw, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise E.InvalidRequest("The request body is nested too deeply")
+    except ValueError:
+        pass  # orjson accepted it; Python's parser differs on edge cases, not on keys
+
+
+def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise E.InvalidRequest(f"Malformed JSON body: {exc}")
+    if type(body) is not dict:
+        raise E.InvalidRequest("The request body must be a JSON object")
+    suspect = False
+    for name in body:
+        if raw.count(_quoted(name)) > 1:
+            suspect = True
+            break
+    if not suspect:
+        for parent, q in _NESTED:
+            if parent in body and raw.count(q) > 1:
+                suspect = True
+                break
+    if suspect:
+        strict(raw)
+    m = body.get("model")
+    if type(m) is not str or not m:
+        raise E.InvalidRequest("Missing required field: model (a string)")
+    if len(m) > 256 or not m.isprintable():
+        raise E.InvalidRequest("Invalid model name: at most 256 printable characters")
+    s = body.get("stream")
+    if s is not None and type(s) is not bool:
+        raise E.InvalidRequest("stream must be true or false")
+    for name in _INT_FIELDS:
+        if name in body:
+            _int_field(body, name)
+    include = False
+    so = body.get("stream_options")
+    if so is not None:
+        if type(so) is not dict:
+            raise E.InvalidRequest("stream_options must be an object")
+        iu = so.get("include_usage")
+        if iu is not None and type(iu) is not bool:
+            raise E.InvalidRequest("stream_options.include_usage must be true or false")
+        include = iu is True
+    th = body.get("thinking")
+    if th is not None:
+        if type(th) is not dict:
+            raise E.InvalidRequest("thinking must be an object")
+        if "budget_tokens" in th:
+            _int_field(th, "budget_tokens", "thinking.budget_tokens")
+    for name in ("reasoning_effort",):
+        v = body.get(name)
+        if v is not None and type(v) is not str:
+            raise E.InvalidRequest(f"{name} must be a string")
+    r = body.get("reasoning")
+    if r is not None:
+        if type(r) is not dict:
+            raise E.InvalidRequest("reasoning must be an object")
+        eff = r.get("effort")
+        if eff is not None and type(eff) is not str:
+            raise E.InvalidRequest("reasoning.effort must be a string")
+    return ModelRequest(body, m, s is True and streamable, include)
+
+
+def _int_field(obj: dict[str, Any], name: str, path: str = "") -> int:
+    v = obj[name]
+    if v is None:
+        return 0
+    label = path or name
+    if type(v) is not int:
+        raise E.InvalidRequest(f"{label} must be an integer, got {type(v).__name__}")
+    if v < 1 or v > (MAX_CHOICES if name in ("n", "best_of") else MAX_BOUND):
+        hi = MAX_CHOICES if name in ("n", "best_of") else MAX_BOUND
+        raise E.InvalidRequest(f"{label} must be between 1 and {hi}, got {v}")
+    return v
+
+
+def _int(obj: dict[str, Any], name: str) -> int:
+    v = obj.get(name)
+    if v is None:
+        return 0
+    if type(v) is not int or v < 1:
+        # A translated body is ours; a native one was checked by parse(). Anything else
+        # here is a body we cannot bound: refuse rather than guess.
+        raise E.InvalidRequest(f"{name} must be a positive integer")
+    return v
+
+
+def bound_of(route: str, body: dict[str, Any]) -> int:
+    """The output bound `body` names for an upstream speaking `route`, per choice; 0: none."""
+    fields = _BOUND_FIELDS.get(route)
+    if fields is None:
+        return 0
+    bound = 0
+    for name in fields:
+        v = _int(body, name)
+        if v > bound:
+            bound = v
+    if route == "messages":
+        th = body.get("thinking")
+        if type(th) is dict:
+            budget = _int(th, "budget_tokens")
+            if budget > bound:
+                bound = budget
+    return bound
+
+
+def choices_of(route: str, body: dict[str, Any]) -> int:
+    n = 1
+    for name in _CHOICE_FIELDS.get(route, ()):
+        v = _int(body, name)
+        if v > n:
+            n = v
+    return n
+
+
+def upstream_bound(route: str, body: dict[str, Any]) -> int:
+    """Output tokens an upstream speaking `route` may produce for `body` (0: unbounded)."""
+    return bound_of(route, body) * choices_of(route, body)
+
+
+def bound_field(route: str, reasoning: bool) -> str:
+    """The field the gateway writes when a body names no bound. OpenAI's reasoning models
+    refuse `max_tokens`; every other chat upstream reads it."""
+    if route == "chat":
+        return "max_completion_tokens" if reasoning else "max_tokens"
+    return _BOUND_FIELDS[route][0]
+
+
+def inject_raw(raw: bytes, name: str, value: int) -> bytes:
+    """Add one top-level integer member without re-serialising the body."""
+    i = raw.find(b"{")
+    member = b'"%s":%d' % (name.encode(), value)
+    rest = raw[i + 1:]
+    sep = b"" if rest.lstrip()[:1] == b"}" else b","
+    return raw[: i + 1] + member + sep + rest
+
+
+# --- input bounds ----------------------------------------------------------------------
+
+_MEDIA_HINTS = (b"image", b"file", b"audio", b"document")
+# Members estimate_input_tokens reads; every other member is counted a token per byte.
+_COUNTED = frozenset(("messages", "prompt", "input", "instructions", "tools", "functions",
+                      "system"))
+_OPENAI_TOKENIZED = ("gpt-", "o1", "o3", "o4", "chatgpt-", "text-", "davinci", "babbage")
+
+
+def media_tokens(raw: bytes, body: dict[str, Any]) -> int:
+    """Tokens that media parts (images, audio, files) may cost beyond their bytes."""
+    from accounting import tokens
+
+    for hint in _MEDIA_HINTS:
+        if hint in raw:
+            break
+    else:
+        return 0
+    return _media_parts(body, 0) * tokens.MEDIA_TOKENS
+
+
+def _media_parts(value: Any, depth: int) -> int:
+    from accounting.tokens import MEDIA_TYPES
+
+    if depth > 64:
+        return 0
+    n = 0
+    if type(value) is dict:
+        kind = value.get("type")
+        if type(kind) is str and kind in MEDIA_TYPES:
+            n += 1
+        for v in value.values():
+            if type(v) is dict or type(v) is list:
+                n += _media_parts(v, depth + 1)
+    elif type(value) is list:
+        for v in value:
+            if type(v) is dict or type(v) is list:
+                n += _media_parts(v, depth + 1)
+    return n
+
+
+def tight_input_tokens(protocol: str, body: dict[str, Any], raw: bytes, model: str) -> int:
+    """Input tokens counted the way the upstream will, never below what it reports.
+
+    Text is counted with tiktoken plus the protocol's per-message overhead; members the
+    count does not read are taken at a token per byte. A model whose tokenizer is not
+    OpenAI's may count up to a half more tokens for the same text, so its count is
+    raised by that much. Runs only when the fast bound would refuse a request.
+    """
+    from accounting import tokens
+
+    strict(raw)  # the count reads nested values: they must be what the upstream reads
+    n = tokens.estimate_input_tokens(protocol, body)
+    rest = {k: v for k, v in body.items() if k not in _COUNTED}
+    n += len(orjson.dumps(rest))
+    if not model.startswith(_OPENAI_TOKENIZED):
+        n = n * 3 // 2 + 16
+    return n
