@@ -35,7 +35,7 @@ INT_KEYS = frozenset(
 )
 FLOAT_KEYS = frozenset({"ttfb_ms", "delay_ms"})
 STR_KEYS = frozenset({"chunk_text", "fail"})
-BOOL_KEYS = frozenset({"tool_call", "no_usage"})
+BOOL_KEYS = frozenset({"tool_call", "no_usage", "overrun"})
 FAIL_MODES = frozenset({"reset", "hang", "stall", "close", "error"})
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini", "text-embedding-3-small",
@@ -53,7 +53,7 @@ class Options:
     """Mock controls of one request, after merging headers (first) and the body's `mock` object."""
 
     __slots__ = ("cache_write_tokens", "cached_tokens", "chunk_size", "chunk_text", "chunks",
-                 "delay_ms", "fail", "fail_after", "input_tokens", "no_usage", "reasoning_tokens",
+                 "delay_ms", "fail", "fail_after", "input_tokens", "no_usage", "overrun", "reasoning_tokens",
                  "retry_after", "status", "tokens_per_chunk", "tool_call", "ttfb_ms")
 
     def __init__(self) -> None:
@@ -73,6 +73,7 @@ class Options:
         self.retry_after = 1
         self.tool_call = False
         self.no_usage = False
+        self.overrun = False  # ignore the request's output bound (a misbehaving upstream)
 
     def set(self, key: str, value: Any) -> None:
         try:
@@ -184,6 +185,8 @@ class Plan:
             limit = body["max_completion_tokens"]
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise BadRequest(f"{limit_key} must be a positive integer")
+        if opts.overrun:
+            limit = None
         self.truncated = limit is not None and full > limit
         if limit is not None and self.truncated:
             reasoning = min(reasoning, limit)

@@ -33,6 +33,7 @@ headers (the body wins); the bodies themselves are rendered by `bench.mock_shape
                         lines after the phrase are its input, verbatim for a custom tool:
                         see `mock_shapes._pick_tool`)
   no_usage (false)      omit usage everywhere
+  overrun (false)       ignore the request's output bound, as a misbehaving upstream would
 max_tokens / max_completion_tokens / max_output_tokens cut the output: finish_reason
 "length", stop_reason "max_tokens", Responses status "incomplete", and the output tokens
 reported equal the limit.

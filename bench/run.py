@@ -381,6 +381,7 @@ name = "mock-openai"
 protocol = "openai"
 base_url = "{mock}/v1"
 api_key_env = "BENCH_UPSTREAM_KEY"
+forward_headers = ["x-mock-*"]
 models = ["{OPENAI_MODEL}", "{EMBED_MODEL}"]
 
 [[channels]]
@@ -388,6 +389,7 @@ name = "mock-anthropic"
 protocol = "anthropic"
 base_url = "{mock}"
 api_key_env = "BENCH_UPSTREAM_KEY"
+forward_headers = ["x-mock-*"]
 models = ["{ANTHROPIC_MODEL}"]
 
 [prices."default"]

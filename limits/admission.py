@@ -754,6 +754,28 @@ class Limiter:
         return Lease(self, k, u, reserve_nano if cap_nano else -reserve_nano,
                      (lim_r, rem_r, reset_r, lim_t, rem_t, reset_t), m)
 
+    def headroom(self, key: KeyState) -> int | None:
+        """What this worker could still reserve for `key` (key cap and money scope), as
+        it last knew; None when a scope is not loaded yet. Read only: relay uses it to
+        decide whether a request is near exhaustion and worth counting exactly."""
+        scopes: list[Scope | None] = [self.plans.get(key.plan_id) if key.plan_id
+                                      else self.users.get(key.user_id)]
+        if key.cap_nano:
+            scopes.append(self.keys.get(key.id))
+        least: int | None = None
+        for s in scopes:
+            if s is None:
+                return None
+            if self.shared is not None:
+                avail = s.held - s.reserved
+            elif s.db is None:
+                return None
+            else:
+                avail = s.limit + s.db - s.unflushed - s.reserved
+            if least is None or avail < least:
+                least = avail
+        return least
+
     def _fits(self, s: Scope, reserve: int, now: float, waited: bool = False) -> int:
         """Whether `reserve` fits the money scope `s` (_FITS, _SHORT), or why that is not
         known yet (_REFILL: await refill; _DEGRADED: Redis away; _UNKNOWN: no snapshot)."""

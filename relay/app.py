@@ -147,6 +147,7 @@ class Gateway:
         self._reasoning_cache: dict[str, bool] = {}
         self._default_out = cfg.limits.default_max_output_tokens
         self._max_out = {m: p.max_output_tokens for m, p in cfg.prices if p.max_output_tokens}
+        self._counting = asyncio.Semaphore(2)  # tight input counts at once (relay.request)
         self._charge_zero_aborts = cfg.ledger.charge_zero_output_aborts
         self._trust_rid = cfg.server.trust_client_request_id
         self._log_ip = cfg.server.log_client_ip
@@ -537,6 +538,17 @@ class Gateway:
             reserve = estimate_max_cost(est_in, max_out, price, multiplier)
         limiter = self.limiter
         tight = False
+        if reserve:
+            room = limiter.headroom(key)
+            if room is None:
+                await limiter.refill(key)  # what admit would ask for first anyway
+                room = limiter.headroom(key)
+            if room is not None and reserve * NEAR_EXHAUSTION > room:
+                # Near exhaustion the byte bound would refuse requests the balance can
+                # pay for: count the input the way the upstream will first.
+                tight = True
+                est_in, reserve = await self._tight(route, body, raw, model, est_in, max_out,
+                                                    price, multiplier)
         for _ in range(4):
             decision = limiter.admit(key, model, est_in // 4 + max_out, reserve, req.client_ip,
                                      allowed, time.time())
@@ -549,14 +561,28 @@ class Gateway:
                 # The fast bound refused: count the input the way the upstream will
                 # before refusing, and try once more with that.
                 tight = True
-                counted = tight_input_tokens(route.protocol_name, body, raw, model)
-                if counted < est_in:
-                    est_in = counted
-                    reserve = estimate_max_cost(est_in, max_out, price, multiplier)
+                counted, tighter = await self._tight(route, body, raw, model, est_in, max_out,
+                                                     price, multiplier)
+                if tighter < reserve:
+                    est_in, reserve = counted, tighter
                     continue
-            raise E.from_code(decision.code, _needed(decision.message, reserve), decision.status,
+            message = decision.message
+            if decision.status == 402:
+                message = _needed(message, reserve)
+            raise E.from_code(decision.code, message, decision.status,
                               retry_after=decision.retry_after, headers=decision.headers)
         raise E.RateLimited("Rate limit state unavailable, retry shortly", retry_after=1)
+
+    async def _tight(self, route: Route, body: dict[str, Any], raw: bytes, model: str,
+                     est_in: int, max_out: int, price: Any, multiplier: Fraction) -> tuple[int, int]:
+        """(input tokens, reservation) with the input counted as the upstream will count
+        it, if that is lower than `est_in`. Off the event loop: a long prompt takes
+        milliseconds to tokenize (tiktoken releases the GIL), and others keep flowing."""
+        async with self._counting:
+            counted = await self.loop.run_in_executor(
+                None, tight_input_tokens, route.protocol_name, body, raw, model)
+        counted = min(counted, est_in)
+        return counted, estimate_max_cost(counted, max_out, price, multiplier)
 
     def _is_reasoning(self, model: str) -> bool:
         # Pattern matching per request showed in profiles; a model's class never changes.
@@ -763,6 +789,11 @@ def _fraction_str(f: Fraction) -> str:
 
 
 _last_fraction: list[Any] = [_ONE, "1"]
+
+
+# A request whose fast reservation would take more than 1/8 of what is left is counted
+# exactly before admission (relay.request.tight_input_tokens).
+NEAR_EXHAUSTION = 8
 
 
 def _needed(message: str, reserve: int) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from relay.headers import DEFAULT_ANTHROPIC_BETAS
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or malformed (message names its path)."""
@@ -191,6 +193,10 @@ class ChannelConfig:
     weight: int = 1
     max_concurrency: int = 0
     responses_api: bool = True  # false: an OpenAI-compatible channel that only has chat completions
+    # Client headers beyond the allowlist (relay.headers) that may reach this upstream.
+    forward_headers: tuple[str, ...] = ()
+    # anthropic-beta flags a client may pass (others are dropped); see relay.headers.
+    anthropic_beta: tuple[str, ...] = DEFAULT_ANTHROPIC_BETAS
 
     @property
     def api_key(self) -> str:

@@ -29,18 +29,6 @@ if TYPE_CHECKING:
     from relay.credit import OutputCredit
     from relay.routing import Channel
 
-# Client request headers that never go upstream: hop-by-hop, our own auth, cookies,
-# and what build_request sets itself. Everything else passes through untouched.
-DROP_REQUEST_HEADERS = frozenset(
-    {
-        b"host", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
-        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
-        b"authorization", b"x-api-key", b"api-key", b"cookie", b"accept-encoding",
-        b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip",
-        b"forwarded", b"expect",
-    }
-)
-
 JSON_CT = (b"content-type", b"application/json")
 
 # Stream handling modes
@@ -367,20 +355,12 @@ def max_output_tokens(body: dict[str, Any]) -> int:
     return 0
 
 
-# On the translated path the client's protocol headers stay behind (an OpenAI channel
-# has no use for anthropic-version, and vice versa); the body's type is ours to set.
-_PROTOCOL_PREFIXES = (b"anthropic-", b"openai-", b"x-stainless-")
-
-
 def upstream_headers(req: Request, channel: Channel, translated: bool = False) -> list[tuple[bytes, bytes]]:
+    out = channel.header_policy.filter(req.headers, translated)
     if translated:
-        out = [h for h in req.headers if h[0] not in DROP_REQUEST_HEADERS
-               and h[0] != b"content-type" and not h[0].startswith(_PROTOCOL_PREFIXES)]
         out.append(JSON_CT)
         if channel.protocol == "anthropic":
             out.append((b"anthropic-version", b"2023-06-01"))
-    else:
-        out = [h for h in req.headers if h[0] not in DROP_REQUEST_HEADERS]
     out.extend(channel.auth_headers)
     out.extend(channel.extra_headers)
     return out

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from relay.config import ChannelConfig
+from relay.headers import HeaderPolicy
 from relay.upstream import Origin
 
 
@@ -157,8 +158,8 @@ class Breaker:
 
 class Channel:
     __slots__ = (
-        "auth_headers", "breaker", "cfg", "chat_only", "extra_headers", "in_flight", "model_map", "name",
-        "origin", "patterns", "protocol", "protocol_id",
+        "auth_headers", "breaker", "cfg", "chat_only", "extra_headers", "header_policy", "in_flight",
+        "model_map", "name", "origin", "patterns", "protocol", "protocol_id",
     )
 
     def __init__(self, cfg: ChannelConfig, breaker: Breaker | None = None) -> None:
@@ -173,6 +174,7 @@ class Channel:
         else:
             self.auth_headers = ((b"authorization", b"Bearer " + key),) if key else ()
         self.extra_headers = tuple((k.lower().encode(), v.encode()) for k, v in cfg.headers)
+        self.header_policy = HeaderPolicy(cfg.protocol, cfg.anthropic_beta, cfg.forward_headers)
         self.model_map = dict(cfg.model_map)
         self.patterns = cfg.models
         self.breaker = breaker if breaker is not None else Breaker()

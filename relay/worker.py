@@ -11,6 +11,7 @@ limiter's view of each balance is exact.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -315,6 +316,10 @@ class Worker:
                 max_concurrency=r.max_concurrency,
                 responses_api=base.responses_api if base is not None else True,
             )
+            if base is not None:
+                # File-only settings (not in the channels table) come from config.toml.
+                spec = dataclasses.replace(spec, forward_headers=base.forward_headers,
+                                           anthropic_beta=base.anthropic_beta)
             specs.append(spec)
         old = {c.name: c for c in gw.router.channels}
         router = Router(specs, breaker=breaker_factory(self.cfg),

@@ -31,10 +31,10 @@ def make_config(dsn: str, mock_port: int, data_dir: str, **sections: Any) -> Con
             {"name": "mock-openai", "protocol": "openai",
              "base_url": f"http://127.0.0.1:{mock_port}/v1", "api_key_env": "TOLLWAY_TEST_UPSTREAM_KEY",
              "models": ["gpt-*", "text-embedding-*", "o3-mini"],
-             "model_map": {"gpt-mapped": "gpt-4o-mini"}},
+             "model_map": {"gpt-mapped": "gpt-4o-mini"}, "forward_headers": ["x-mock-*"]},
             {"name": "mock-anthropic", "protocol": "anthropic",
              "base_url": f"http://127.0.0.1:{mock_port}", "api_key_env": "TOLLWAY_TEST_UPSTREAM_KEY",
-             "models": ["claude-*"]},
+             "models": ["claude-*"], "forward_headers": ["x-mock-*"]},
         ],
         "prices": {
             "gpt-4o-mini": {"input": "0.15", "output": "0.60", "cache_read": "0.075"},
@@ -68,8 +68,11 @@ class Harness:
         self.dsn = dsn
         self.mock = await mock_upstream.start("127.0.0.1", 0)
         if "channels" in sections:
+            # The mock's controls travel as x-mock-* headers, which no channel forwards
+            # unless it says so (relay.headers).
             sections["channels"] = [
-                {**c, "base_url": c["base_url"].replace("{port}", str(self.mock.port))}
+                {"forward_headers": ["x-mock-*"], **c,
+                 "base_url": c["base_url"].replace("{port}", str(self.mock.port))}
                 for c in sections["channels"]
             ]
         self.cfg = make_config(dsn, self.mock.port, self.tmp.name, **sections)

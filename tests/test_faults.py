@@ -288,7 +288,10 @@ async def test_client_reading_one_byte_a_second(pg_dsn: str) -> None:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, ("127.0.0.1", h.worker.port))  # type: ignore[union-attr]
-        body = orjson.dumps(chat(stream=True, mock={"chunks": 4000, "chunk_size": 16384}))
+        # 16 KiB of text per chunk is about 2,700 tokens: the bound covers all of it, so
+        # the cut is the client's doing, not the credit's (relay.credit).
+        body = orjson.dumps(chat(stream=True, max_tokens=12_000_000,
+                                 mock={"chunks": 4000, "chunk_size": 16384}))
         await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
                                 b"authorization: Bearer " + key.encode() + b"\r\nx-request-id: slow-1\r\n"
                                 b"content-length: %d\r\n\r\n" % len(body) + body)
