@@ -498,8 +498,13 @@ class Gateway:
         if not per_choice:
             per_choice = self._max_out.get(mr.model, self._default_out)
             name = bound_field(route.name, self._is_reasoning(mr.model))
-            body[name] = per_choice
-            raw = inject_raw(raw, name, per_choice)
+            if name in body:
+                # Named as null: splicing would forward the key twice, so serialise.
+                body[name] = per_choice
+                raw = orjson.dumps(body)
+            else:
+                body[name] = per_choice
+                raw = inject_raw(raw, name, per_choice)
         max_out = per_choice * choices_of(route.name, body)
         max_in = len(raw)
         bodies = self._translations(route, mr, attempt_plan)

@@ -188,7 +188,7 @@ def bound_of(route: str, body: dict[str, Any]) -> int:
         v = _int(body, name)
         if v > bound:
             bound = v
-    if route == "messages":
+    if route == "messages" and bound:  # without max_tokens the budget bounds nothing
         th = body.get("thinking")
         if type(th) is dict:
             budget = _int(th, "budget_tokens")
