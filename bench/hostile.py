@@ -291,7 +291,7 @@ max_output_tokens = 64000
         missing = self.completed - billed
         refused_billed = self.refused & billed
         return {
-            "requests": self.sent, "statuses": dict(sorted(self.statuses.items())),
+            "requests": self.sent, "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "workers_killed": self.killed, "rows": len(ids),
             "users_below_zero": neg, "min_balance_nano": min_balance,
             "keys_over_cap": over_cap, "plans_over_credit": over_plan,

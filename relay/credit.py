@@ -41,7 +41,9 @@ class OutputCredit:
         return self.meter.tokens
 
     def first_step(self) -> int:
-        return min(self.limit, CALIBRATE_BYTES) if self.limit else CALIBRATE_BYTES
+        # Never below MIN_STEP: the first count also hands the stream's first bytes, which
+        # hold its response id, to relay.requestids.
+        return max(min(self.limit, CALIBRATE_BYTES), MIN_STEP) if self.limit else CALIBRATE_BYTES
 
     def count(self, chunks: list[bytes], sent: int) -> int:
         """Count the chunks since the last count (`sent`: the stream's bytes so far);

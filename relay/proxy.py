@@ -20,6 +20,7 @@ from accounting import usage as usage_mod
 from relay import errors as E
 from relay.errors import GatewayError
 from relay.httpserver import HttpConnection, Request
+from relay.requestids import first_id
 from relay.sse import SSEFramer, fields, has_usage_object
 from relay.upstream import HOP_BY_HOP, UpstreamConnection
 from relay.upstream_errors import status_error
@@ -202,6 +203,8 @@ class Exchange:
             return
         chunks = self.body_chunks
         self.body_chunks = []
+        if not self.response_id and chunks:
+            self.response_id = first_id(chunks)  # the first bytes go now (relay.requestids)
         step = credit.count(chunks, self.bytes_out)
         if step < 0:
             up = self.upstream
