@@ -343,6 +343,13 @@ class Worker:
         }
         if self.flusher is not None:
             out.update(ledger_families(self.flusher.stats()))
+        if gw.checkpoints is not None:
+            out["tollway_stream_checkpoints"] = (
+                "counter", "Checkpoints of streams in flight journaled (billed only after a crash)",
+                "", "sum", {"": gw.checkpoints.written})
+            out["tollway_stream_checkpoint_failures"] = (
+                "counter", "Stream checkpoints that could not be built (a bug: see the log)",
+                "", "sum", {"": gw.checkpoints.failures})
         out.update(channel_state(gw.router))
         if gw.limiter is not None:
             out["tollway_limit_denials"] = ("counter", "Admission denials by reason", "reason", "sum",

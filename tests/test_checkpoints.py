@@ -380,5 +380,11 @@ async def test_a_checkpoint_is_the_row_its_stream_settles_with_as_far_as_it_went
         finally:
             await conn.close()
         assert [(r["usage_source"], r["cost_nano"]) for r in rows] == [("upstream", final[20])]
+        async with aiohttp.ClientSession() as s, s.get(h.url + "/metrics") as r:
+            text = await r.text()
+        written = [float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("tollway_stream_checkpoints_total ")]
+        assert written == [float(len(rec_ledger.checkpoints))]
+        assert "tollway_stream_checkpoint_failures_total 0" in text
     finally:
         await h.stop()
