@@ -2,8 +2,9 @@
 
 - `request_id`: the gateway's (`req_…`), made per request; it is the usage row's key and
   is sent back as `x-request-id` (and `request-id` on Anthropic routes, the name its SDK
-  reads). With `server.trust_client_request_id` a well-formed `x-request-id` the client
-  sent is echoed instead and kept as `client_request_id`.
+  reads). A well-formed `x-request-id` the client sent is kept as `client_request_id`,
+  and echoed in those headers instead while `server.trust_client_request_id` is on (the
+  default).
 - `upstream_request_id`: the channel's own (`x-request-id` from OpenAI, `request-id` from
   Anthropic); never sent on, so the client sees one id, kept in the row for the operator
   who talks to the provider.
