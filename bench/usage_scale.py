@@ -3,7 +3,7 @@ query path must answer in under 200 ms.
 
     .venv/bin/python bench/usage_scale.py [--dsn postgresql://postgres@127.0.0.1:5432/test]
         [--rows 10000000] [--days 30] [--users 1000] [--keys 5000] [--models 20]
-        [--groups 5] [--runs 5] [--keep] [--reuse]
+        [--groups 5] [--runs 5] [--keep] [--reuse] [--db tollway_scale]
 
 Creates the database `tollway_scale` on the server named by --dsn (dropped at the end
 unless --keep; --reuse times an existing one kept earlier without generating again),
@@ -336,14 +336,18 @@ async def main() -> int:
     ap.add_argument("--keep", action="store_true", help=f"keep the database {DB}")
     ap.add_argument("--reuse", action="store_true", help=f"time an existing {DB}, do not generate")
     ap.add_argument("--only", default="", help="time only the paths whose name contains this")
+    ap.add_argument("--db", default=DB, help="the database's name (one per engineer on a shared server)")
     a = ap.parse_args()
 
-    dsn = a.dsn.rpartition("/")[0] + "/" + DB
+    db = a.db
+    if not db.replace("_", "").isalnum():
+        ap.error("--db: letters, digits and _ only")
+    dsn = a.dsn.rpartition("/")[0] + "/" + db
     admin = await asyncpg.connect(a.dsn)
     try:
         if not a.reuse:
-            await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-            await admin.execute(f"CREATE DATABASE {DB}")
+            await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {db}")
             t0 = time.perf_counter()
             await migrate.apply_dsn(dsn)
             print(f"generating {a.rows:,} usage rows over {a.days} days, {a.users} users,"
@@ -369,7 +373,7 @@ async def main() -> int:
         results = await measure(dsn, a)
     finally:
         if not a.keep and not a.reuse:
-            await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+            await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         await admin.close()
     over = [r for r in results if r[2] >= LIMIT_MS]
     if over:

@@ -153,6 +153,7 @@ class AccountsConfig:
     smtp_password_env: str = "TOLLWAY_SMTP_PASSWORD"
     smtp_from: str = ""
     smtp_tls: str = "starttls"  # starttls | tls | none
+    low_balance_check_s: float = 60.0  # how often worker 0 looks for low-balance alerts; 0: never
 
 
 def _accounts(a: AccountsConfig) -> AccountsConfig:

@@ -160,6 +160,11 @@ class Worker:
             self.server.close()
         if self.state is not None:
             await drain(self.state, self.cfg.server.drain_grace_s)
+        if self.gw is not None:
+            for api in self.gw.apis:  # background tasks of the non-model routes (console)
+                aclose = getattr(api, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         if self._sync_task is not None:
             self._sync_task.cancel()
             try:

@@ -30,6 +30,11 @@ def _python_ids() -> set[str]:
         s = f.read_text()
         out.update(re.findall(r'c\._\(p, "([^"]+)"\)', s))
         out.update(re.findall(r'AccountError\("([^"]+)"\)', s))
+        # Refusals raised in English are translated when the error page is rendered.
+        out.update(re.findall(r'Refused\(\d+, "([^"]+)"\)', s))
+    from relay.console import alerts, web
+
+    out.update([web.NOT_FOUND, web.SERVER_ERROR, alerts.SUBJECT, alerts.BODY])
     return out
 
 

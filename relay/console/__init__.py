@@ -24,6 +24,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from accounting import accounts, growth
+from relay.console.alerts import LowBalanceAlerts
 from relay.console.i18n import LANGS, Languages, best_lang
 from relay.console.mail import Mailer
 from relay.console.static import Static
@@ -89,6 +90,7 @@ class Console:
         self.throttle = Throttle(a.attempts_per_ip, a.attempts_per_account, a.attempts_window_s,
                                  gw.cfg.limits.redis_url)
         self.mailer = Mailer(a)
+        self.alerts = LowBalanceAlerts(self, a.low_balance_check_s)
         self.router = Router(self)
         self.settings.listeners.append(self._settings_changed)
         from relay.console import admin, auth, home, keys, public, usage, wallet
@@ -120,6 +122,11 @@ class Console:
         return self.gw.db
 
     # --- the gateway's Api interface ---------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop the background task and close the throttle's Redis (the worker's stop)."""
+        await self.alerts.stop()
+        await self.throttle.close()
 
     def matches(self, path: bytes) -> bool:
         # /admin/v1/ is the JSON admin API's (relay.admin, tried before this).
@@ -161,10 +168,13 @@ class Console:
         return self._(page, FLASH[code]) if code in FLASH else ""
 
     def refusal(self, exc: Refused) -> Response:
-        env = self.langs.envs["en"]
+        """The error page, in the page's language when it was known (messages raised in
+        English are translated here; a message already translated passes unchanged)."""
+        lang = exc.lang if exc.lang in self.langs.envs else "en"
+        env = self.langs.envs[lang]
         body = env.get_template("error.html").render(
             page=None, account=None, csrf="", tz="UTC", site=self.cfg.site_name, path="", flash="",
-            status=exc.status, message=str(exc))
+            status=exc.status, message=self.langs.gettext(lang, str(exc)))
         resp = Response(exc.status, body.encode())
         if exc.retry_after:
             resp.headers.append((b"retry-after", str(exc.retry_after).encode()))
@@ -211,4 +221,9 @@ def back(to: str, **flash: str) -> Response:
 
 
 def build(gw: Any, worker: Any = None) -> Console:
-    return Console(gw, worker)
+    c = Console(gw, worker)
+    # One sender per host is enough (each crossing is claimed once across hosts anyway);
+    # worker 0 of each host runs it, off the request path.
+    if worker is not None and getattr(worker, "index", 0) == 0:
+        c.alerts.start()
+    return c

@@ -21,12 +21,13 @@ class Mailer:
         self.cfg = cfg
         self.outbox: deque[tuple[str, str, str]] = deque(maxlen=100)
 
-    async def send(self, to: str, subject: str, body: str) -> None:
+    async def send(self, to: str, subject: str, body: str) -> bool:
+        """Send (or, with no SMTP, log) one message; False when the SMTP server failed."""
         self.outbox.append((to, subject, body))
         cfg = self.cfg
         if not cfg.smtp_host:
             log.warning("console email (no SMTP configured) to %s: %s: %s", to, subject, body)
-            return
+            return True
         import aiosmtplib
 
         msg = EmailMessage()
@@ -43,6 +44,8 @@ class Mailer:
                 timeout=15)
         except Exception as exc:
             log.error("console email to %s failed: %s", to, exc)
+            return False
+        return True
 
     def last_code(self, to: str) -> str | None:
         """The last code sent to `to` (tests and the demo)."""

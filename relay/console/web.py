@@ -56,6 +56,7 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.lang = ""  # the page's language, once known (the error page speaks it)
 
 
 @dataclass(slots=True)
@@ -130,6 +131,8 @@ Handler = Callable[[Page], Awaitable[Response]]
 
 _PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 PUBLIC, USER, MFA = 0, 1, 2
+NOT_FOUND = "This page does not exist."
+SERVER_ERROR = "Something went wrong on our side."
 # Operator pages: the least role a route needs. A route's unsafe methods need ADMIN
 # whatever it says, so a viewer can never change anything by a mis-declared route.
 VIEWER, ADMIN, OWNER = 10, 11, 12
@@ -201,7 +204,7 @@ class Router:
             resp = self.console.refusal(exc)
         except Exception:
             log.exception("console page %s %s failed", method, path)
-            resp = self.console.refusal(Refused(500, "Something went wrong on our side."))
+            resp = self.console.refusal(Refused(500, SERVER_ERROR))
         headers = [(b"content-type", resp.content_type), (b"x-request-id", rid), *resp.headers]
         if resp.content_type.startswith(b"text/html"):
             headers.extend(SECURITY_HEADERS)
@@ -224,11 +227,9 @@ class Router:
                 continue
             route, params = r, m.groupdict()
             break
-        if route is None:
-            if allowed:
-                return Response(405, b"Method Not Allowed", b"text/plain",
-                                [(b"allow", ", ".join(sorted(set(allowed))).encode())])
-            raise Refused(404, "This page does not exist.")
+        if route is None and allowed:
+            return Response(405, b"Method Not Allowed", b"text/plain",
+                            [(b"allow", ", ".join(sorted(set(allowed))).encode())])
         ip, secure, host = self.facts(req)
         query = {k: v[-1] for k, v in parse_qs(req.query.decode("utf-8", "replace")).items()}
         cookies = _cookies(req)
@@ -236,6 +237,22 @@ class Router:
                     htmx=req.header(b"hx-request") is not None)
         await self._load_session(page)
         self.console.pick_lang(page)
+        # From here on an error page speaks the page's language.
+        try:
+            if route is None:
+                raise Refused(404, NOT_FOUND)
+            return await self._run(page, route)
+        except Refused as exc:
+            exc.lang = exc.lang or page.lang
+            raise
+        except Exception as exc:
+            log.exception("console page %s %s failed", method, path)
+            refused = Refused(500, SERVER_ERROR)
+            refused.lang = page.lang
+            raise refused from exc
+
+    async def _run(self, page: Page, route: Route) -> Response:
+        method, path, req, cookies = page.method, page.path, page.req, page.cookies
         page.pre_csrf = cookies.get(PRE_COOKIE, "")
         if not page.pre_csrf or len(page.pre_csrf) > 64:
             page.pre_csrf = secrets.token_urlsafe(18)

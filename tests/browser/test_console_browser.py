@@ -271,6 +271,10 @@ def test_every_page_in_both_languages_at_desktop_and_375px_with_axe(site: Site, 
             page.goto(site.url + path.format(key=key_id, rid=rid))
             if name in ("home", "usage"):
                 page.wait_for_selector(".chart canvas")
+                # Ticks a few nano-dollars apart read apart (not "$0.0000" four times).
+                ticks = page.evaluate("() => TollwayConsole.moneyTicks(document.documentElement.lang,"
+                                      " [0, 0.0000005, 0.000001, 0.0000015])")
+                assert len(set(ticks)) == 4, ticks
             if name == "usage":
                 assert page.locator("[data-testid=csv]").count() == 1
             if name == "account":

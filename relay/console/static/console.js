@@ -21,14 +21,35 @@
     var row = e.target.closest("tr[data-href]");
     if (row && !e.target.closest("a, button, form")) window.location = row.getAttribute("data-href");
   });
+  // The y ticks of a small spend are close together ($0.0000012, $0.0000024...): a fixed
+  // number of decimals would print them all as "$0.0000". Use the fewest decimals, at
+  // least two, that tell every tick apart.
+  var fixed = {};
+  function moneyAt(lang, d) {
+    var k = lang + d;
+    return fixed[k] || (fixed[k] = new Intl.NumberFormat(lang, { style: "currency", currency: "USD",
+                                                           minimumFractionDigits: d, maximumFractionDigits: d }));
+  }
+  function moneyTicks(lang, vals) {
+    var out = [];
+    for (var d = 2; d <= 9; d++) {
+      out = vals.map(function (v) { return v == null ? "" : moneyAt(lang, d).format(v); });
+      var seen = {}, clash = false;
+      out.forEach(function (t) { if (seen[t]) clash = true; seen[t] = true; });
+      if (!clash) break;
+    }
+    return out;
+  }
+  window.TollwayConsole = { moneyTicks: moneyTicks };
   function chart(el) {
     var data = JSON.parse(document.getElementById(el.getAttribute("data-chart")).textContent);
     var lang = el.getAttribute("data-lang") || "en", tz = el.getAttribute("data-tz") || "UTC";
     var hourly = data.bucket === "hour";
     var fmt = new Intl.DateTimeFormat(lang, hourly ? { month: "numeric", day: "numeric", hour: "2-digit", timeZone: tz }
                                                   : { month: "short", day: "numeric", timeZone: tz });
-    var money = new Intl.NumberFormat(lang, { style: "currency", currency: "USD", maximumFractionDigits: 4 });
+    var money = new Intl.NumberFormat(lang, { style: "currency", currency: "USD", maximumFractionDigits: 9 });
     var ys = data.y.map(Number);
+    function yLabels(u, vals) { return moneyTicks(lang, vals); }
     var width = Math.max(260, el.clientWidth - 8);
     var opts = {
       width: width, height: 240, tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), tz); },
@@ -36,9 +57,16 @@
                { label: data.label, stroke: "#0b5cad", fill: "rgba(11,92,173,0.12)", width: 2,
                  value: function (u, v) { return v == null ? "" : money.format(v); } }],
       axes: [{ values: function (u, vals) { return vals.map(function (v) { return fmt.format(new Date(v * 1000)); }); } },
-             { values: function (u, vals) { return vals.map(function (v) { return money.format(v); }); }, size: 84 }],
+             { values: yLabels, size: function (u, vals) {
+                 var n = 6;
+                 (vals || []).forEach(function (t) { n = Math.max(n, String(t).length); });
+                 return 18 + 7 * n;
+               } }],
       legend: { show: false },
-      scales: { x: { time: true, range: function (u, min, max) {
+      scales: { y: { range: function (u, min, max) {
+        // From zero up: spend is never negative, and a flat zero series still gets an axis.
+        return [0, max > 0 ? uPlot.rangeNum(0, max, 0.1, true)[1] : 1];
+      } }, x: { time: true, range: function (u, min, max) {
         var lo = min == null ? data.from : (data.from == null ? min : Math.min(data.from, min));
         var hi = max == null ? data.to : (data.to == null ? max : Math.max(data.to, max));
         if (lo == null || hi == null || lo >= hi) { lo = (lo || hi) - 86400; hi = lo + 2 * 86400; }
