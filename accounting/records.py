@@ -56,7 +56,9 @@ class UsageRecord:
     status: int
     error_code: str
     usage: Usage
-    usage_source: str  # "upstream" | "estimated" | "none"
+    # "upstream" | "estimated" | "none", or "interrupted": a stream cut by a crash, billed
+    # from its last checkpoint (accounting.journal)
+    usage_source: str
     cost_nano: int  # exact, rounded once
     price_version: int
     latency_ms: int
