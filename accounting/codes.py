@@ -114,3 +114,21 @@ async def redeem(conn: asyncpg.Connection, code: str, user_id: int) -> int:
             user_id, amount, "code:" + h.hex(), f"redemption code {row['prefix']}…",
         )
     return amount
+
+
+async def void_codes(conn: asyncpg.Connection, *, batch_id: int | None = None,
+                     prefix: str | None = None) -> int:
+    """Void the unredeemed codes of a batch, or the one code with this display prefix:
+    they can no longer be redeemed. Returns how many were voided."""
+    if (batch_id is None) == (prefix is None):
+        raise ValueError("give a batch or a code prefix")
+    arg: int | str
+    if batch_id is not None:
+        col, arg = "batch_id", batch_id
+    else:
+        col, arg = "prefix", (prefix or "").strip().upper()
+    rows = await conn.fetch(
+        "UPDATE redemption_codes SET voided_at = now(),"
+        " expires_at = least(coalesce(expires_at, now()), now())"
+        f" WHERE {col} = $1 AND redeemed_by IS NULL AND voided_at IS NULL RETURNING 1", arg)
+    return len(rows)

@@ -213,6 +213,7 @@ async def request_log(
     errors_only: bool = False,
     limit: int = 50,
     before_cursor: str | None = None,
+    channel: str | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Newest requests first, one page: (rows, cursor of the next page or None).
 
@@ -220,7 +221,7 @@ async def request_log(
     """
     limit = max(1, min(limit, 1000))
     where, args = _filters(start, end, "ts", user_id=user_id, key_id=key_id, model=model,
-                           group_name=group)
+                           group_name=group, channel=channel)
     clauses = [where[len(" WHERE "):]] if where else []
     if status is not None:
         args.append(status)
@@ -281,7 +282,7 @@ async def daily_model_costs(
     return [dict(r) for r in rows]
 
 
-CODE_STATES = ("unused", "redeemed", "expired")
+CODE_STATES = ("unused", "redeemed", "expired", "void")
 
 
 async def list_codes(
@@ -310,12 +311,14 @@ async def list_codes(
     elif state == "unused":
         where.append("redeemed_by IS NULL AND (expires_at IS NULL OR expires_at > now())")
     elif state == "expired":
-        where.append("redeemed_by IS NULL AND expires_at <= now()")
+        where.append("redeemed_by IS NULL AND expires_at <= now() AND voided_at IS NULL")
+    elif state == "void":
+        where.append("voided_at IS NOT NULL")
     args += [max(1, min(limit, 1000)), max(0, offset)]
     clause = (" WHERE " + " AND ".join(where)) if where else ""
     rows = await conn.fetch(
-        "SELECT prefix, amount_nano, batch_id, expires_at, redeemed_by, redeemed_at, created_at"
-        f" FROM redemption_codes{clause} ORDER BY batch_id DESC, created_at DESC, prefix"
+        "SELECT prefix, amount_nano, batch_id, expires_at, redeemed_by, redeemed_at, created_at,"
+        f" voided_at FROM redemption_codes{clause} ORDER BY batch_id DESC, created_at DESC, prefix"
         f" LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
     return [dict(r) for r in rows]
 

@@ -132,3 +132,58 @@ class HealthChecker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class _Capture(_Probe):
+    """A Sink keeping the status and the first bytes of the answer (for the operator's
+    channel test; never stored or logged)."""
+
+    __slots__ = ("head",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.head = b""
+
+    def on_body(self, data: bytes) -> None:
+        if len(self.head) < 300:
+            self.head += bytes(data[: 300 - len(self.head)])
+
+
+async def test_request(channel: Channel, model: str, timeout_s: float = 20.0) -> dict[str, object]:
+    """One smallest real request to `channel` (a one-token chat, on a fresh connection):
+    the status, the time to the whole answer, and the answer's first bytes. The operator's
+    "test" button; it goes around the router, its breaker and the ledger."""
+    import time
+
+    import orjson
+
+    upstream_model = channel.model_map.get(model, model)
+    headers = [*channel.auth_headers, (b"content-type", b"application/json")]
+    if channel.protocol == "anthropic":
+        headers.append((b"anthropic-version", b"2023-06-01"))
+        path = b"/v1/messages"
+    else:
+        path = b"/chat/completions"
+    headers.extend(channel.extra_headers)
+    body = orjson.dumps({"model": upstream_model, "max_tokens": 1,
+                         "messages": [{"role": "user", "content": "ping"}]})
+    raw = build_request(channel.origin, b"POST", path, headers, body)
+    pool = UpstreamPool(timeout_s, max_idle=0)
+    sink = _Capture(asyncio.get_running_loop())
+    started = time.perf_counter()
+    try:
+        up = await pool.connect(channel.origin)
+    except GatewayError as exc:
+        return {"status": 0, "latency_ms": round((time.perf_counter() - started) * 1000),
+                "model": upstream_model, "detail": exc.message}
+    try:
+        up.send(sink, raw)
+        async with asyncio.timeout(timeout_s):
+            await sink.done
+    except TimeoutError:
+        return {"status": 0, "latency_ms": round((time.perf_counter() - started) * 1000),
+                "model": upstream_model, "detail": f"no answer within {timeout_s:g} s"}
+    finally:
+        up.abort()
+    return {"status": sink.status, "latency_ms": round((time.perf_counter() - started) * 1000),
+            "model": upstream_model, "detail": sink.head.decode("utf-8", "replace")}

@@ -14,6 +14,7 @@ from accounting.accounts import AccountError
 from accounting.money import parse_usd
 from relay.console import back
 from relay.console.web import USER, Page, Response, redirect
+from relay.ops import announcements
 
 
 def routes(c: Any) -> None:
@@ -68,9 +69,7 @@ async def home(c: Any, p: Page) -> Response:
                                             "day", user_id=p.user_id, tz=p.tz)
         subs = await plans.list_subscriptions(conn, user=p.user_id)
         names = {pl.id: pl.name for pl in await plans.list_plans(conn, include_archived=True)}
-        notes = await conn.fetch("SELECT title, body, starts_at FROM announcements"
-                                 " WHERE starts_at <= now() AND (ends_at IS NULL OR ends_at > now())"
-                                 " ORDER BY starts_at DESC LIMIT 5")
+        notes = await announcements.for_user(conn, p.user_id)
     assert acct is not None
     today_nano = sum(int(r["cost_nano"] or 0) for r in series if r["bucket"] >= today)
     month_nano = sum(int(r["cost_nano"] or 0) for r in series if r["bucket"] >= month)
@@ -87,7 +86,7 @@ async def home(c: Any, p: Page) -> Response:
                        "left": s.remaining(now), "next_reset": nxt})
     return c.render(p, "home.html", acct=acct, today_nano=today_nano, month_nano=month_nano,
                     chart=chart_json(curve, c._(p, "Spend (USD)"), curve_from, today), subs=active,
-                    notes=[dict(n) for n in notes], welcome="welcome" in p.query)
+                    notes=notes, welcome="welcome" in p.query)
 
 
 async def account(c: Any, p: Page, error: str = "", status: int = 200,

@@ -80,8 +80,11 @@ async def channels_edit(op: Op) -> Any:
 
 async def _channel_change(op: Op, action: str, fields: dict[str, Any]) -> Any:
     async with op.tx() as conn:
+        old = await chan_store.get_channel(conn, ref(op.params["channel"]))
         ch = await chan_store.edit_channel(conn, ref(op.params["channel"]), **fields)
-        await store.audit(conn, op.actor, action, ch.name, _channel_audit(fields))
+        before = None if old is None else {k: v for k, v in channel_json(old).items() if k in fields}
+        await store.audit(conn, op.actor, action, ch.name, _channel_audit(fields),
+                          before=None if before is None else _channel_audit(before))
     return channel_json(ch)
 
 
@@ -91,3 +94,26 @@ async def channels_disable(op: Op) -> Any:
 
 async def channels_enable(op: Op) -> Any:
     return await _channel_change(op, "channel.enable", {"enabled": True})
+
+
+async def channels_test(op: Op) -> dict[str, Any]:
+    """Send one smallest request through the channel as this worker knows it and report
+    the status and latency. The model is the form's, else the channel's first exact one."""
+    from relay.healthcheck import test_request
+
+    name = op.params["channel"]
+    router = getattr(op.gw, "router", None)
+    channel = next((c for c in router.channels if c.name == name), None) if router else None
+    if channel is None:
+        raise E.NotFound(f"channel {name!r} is not in service on this worker (unknown or disabled)")
+    model = (text(op.body(), "model") or "").strip()
+    if not model:
+        model = next((m for m in channel.patterns if "*" not in m and "?" not in m), "")
+    if not model:
+        raise E.InvalidRequest("model: required (this channel lists only patterns)")
+    result = await test_request(channel, model)
+    async with op.tx() as conn:
+        await store.audit(conn, op.actor, "channel.test", name,
+                          {"model": model, "status": result["status"],
+                           "latency_ms": result["latency_ms"]})
+    return {"channel": name, **result}

@@ -14,6 +14,7 @@ from relay.ops.parse import (
     nano,
     only,
     q_int,
+    text,
     time_,
 )
 from relay.ops.views import (
@@ -64,3 +65,17 @@ async def codes_show(op: Op) -> Any:
     if not rows:
         raise E.NotFound(f"no redemption code starts with {prefix!r}")
     return {"data": [code_json(r) for r in rows], "next": None}
+
+
+async def codes_void(op: Op) -> dict[str, Any]:
+    """Void a batch's unredeemed codes (`batch`) or one code (`prefix`)."""
+    body = op.body()
+    only(body, {"batch", "prefix"})
+    batch = int_(body, "batch", lo=1, hi=2**62)
+    prefix = (text(body, "prefix") or "").strip().upper() or None
+    async with op.tx() as conn:
+        n = await codes.void_codes(conn, batch_id=batch, prefix=prefix)
+        if n == 0:
+            raise E.NotFound("no unredeemed code to void there")
+        await store.audit(conn, op.actor, "codes.void", str(batch or prefix), {"voided": n})
+    return {"voided": n}

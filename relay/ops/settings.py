@@ -62,6 +62,8 @@ def _usd(v: Any) -> str:
 
 
 def _share(v: Any) -> str:
+    if str(v).strip() in ("", "0", "0.0"):
+        return "0"
     try:
         f = parse_multiplier(str(v).strip() or "0", what="invite_share")
     except ValueError as exc:
@@ -175,7 +177,23 @@ async def settings_set(op: Op) -> dict[str, Any]:
         old = {r["name"]: orjson.loads(r["value"]) for r in await conn.fetch(
             "SELECT name, value::text AS value FROM site_settings WHERE name = ANY($1::text[])",
             list(clean))}
-        changed = {k: v for k, v in clean.items() if old.get(k) != v}
+        live = op.env.settings
+        if live is not None:
+            await live.refresh(op.env.db, force=True)
+
+        def current(name: str) -> Any:
+            if name in old:
+                return old[name]
+            if live is None:
+                return None
+            try:
+                return FIELDS[name][1](live.get(name))
+            except E.InvalidRequest:
+                return live.get(name)
+
+        # Only what differs from the value in effect becomes (or stops being) an override.
+        changed = {k: v for k, v in clean.items()
+                   if (v is None and k in old) or (v is not None and current(k) != v)}
         if not changed:
             return {"changed": []}
         for name, value in changed.items():
@@ -188,7 +206,7 @@ async def settings_set(op: Op) -> dict[str, Any]:
                     " updated_by = EXCLUDED.updated_by", name, orjson.dumps(value).decode(), op.actor)
         await conn.execute("SELECT nextval('site_settings_version')")
         await store.audit(conn, op.actor, "settings.set", "site", changed,
-                          before={k: old.get(k) for k in changed})
+                          before={k: current(k) for k in changed})
     if op.env.settings is not None:
         await op.env.settings.refresh(op.env.db, force=True)
     return {"changed": sorted(changed)}

@@ -69,7 +69,7 @@ async def requests_list(op: Op) -> Any:
             conn, start=start, end=end, model=q.get("model") or None,
             status=q_int(q, "status", lo=0, hi=999), errors_only=q_bool(q, "errors_only"),
             limit=q_int(q, "limit", 50, lo=1, hi=1000) or 50,
-            before_cursor=decode_cursor(q.get("cursor")), **f)
+            before_cursor=decode_cursor(q.get("cursor")), channel=q.get("channel") or None, **f)
     return {"data": [with_usd(r, "cost_nano") for r in rows], "next": encode_cursor(nxt)}
 
 

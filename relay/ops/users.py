@@ -111,7 +111,7 @@ async def _credit(op: Op, user_ref: int | str, body: dict[str, Any]) -> Reply:
         reward = None
         if not c.duplicate:
             await store.audit(conn, op.actor, "user.topup", str(user.id),
-                              {"name": user.name, "amount_nano": amount,
+                              {"name": user.name, "amount_nano": amount, "note": note,
                                "external_id": external_id, "topup_id": c.topup_id})
             # An invited user's first top-up pays the inviter their share, once.
             reward = await growth.reward_inviter(conn, user.id, c.topup_id, amount,

@@ -92,6 +92,7 @@ def group_json(g: store.Group) -> dict[str, Any]:
 
 def code_json(r: dict[str, Any]) -> dict[str, Any]:
     state = ("redeemed" if r["redeemed_by"] is not None else
+             "void" if r.get("voided_at") is not None else
              "expired" if r["expires_at"] is not None and r["expires_at"] <= datetime.now(UTC)
              else "unused")
     return {"prefix": r["prefix"], "batch_id": r["batch_id"], **money("amount", r["amount_nano"]),

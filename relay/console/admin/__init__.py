@@ -34,9 +34,23 @@ Failed = E.GatewayError
 
 
 def routes(c: Any) -> None:
-    from relay.console.admin import overview, users
+    from relay.console.admin import (
+        audit,
+        channels,
+        codes,
+        keys,
+        logs,
+        notes,
+        overview,
+        plans,
+        prices,
+        settings,
+        tickets,
+        users,
+    )
 
-    for m in (overview, users):
+    for m in (overview, users, keys, channels, prices, codes, plans, notes, tickets, logs, audit,
+              settings):
         m.routes(c)
 
 
