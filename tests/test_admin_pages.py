@@ -280,30 +280,35 @@ async def test_audit_filters_and_never_a_secret(h, owner) -> None:
 
 
 async def test_settings_take_effect_within_a_second(h, owner) -> None:
-    await owner.get("/admin/settings")
-    r = await owner.post("/admin/settings", {"signup": "closed", "max_devices": "2",
-                                             "signup_credit": "0", "invite_credit": "0",
-                                             "invite_share": "0", "min_topup": "0.01",
-                                             "smtp_host": "", "smtp_port": "587", "smtp_user": "",
-                                             "smtp_from": "", "smtp_tls": "starttls"})
-    assert r.status == 200, re.findall(r'role="alert">([^<]*)', owner.last)
-    b = Browser(h)
     try:
-        await b.get("/console/register")
-        r = await b.post("/console/register", {"email": cc.new_email(), "password": cc.PASSWORD})
-        assert r.status == 403
-    finally:
-        await b.close()
-    rows = await _q(h, "SELECT detail::text AS d, before::text AS b FROM audit_log"
-                       " WHERE action = 'settings.set' ORDER BY id DESC LIMIT 1")
-    assert '"closed"' in rows[0]["d"] and '"open"' in rows[0]["b"]
-    assert "max_devices" not in rows[0]["d"]  # unchanged values are not overrides
-    # A second worker's view: a fresh Live sees the change on its next refresh.
-    from relay.ops.settings import Live
+        await owner.get("/admin/settings")
+        r = await owner.post("/admin/settings", {"signup": "closed", "max_devices": "2",
+                                                 "signup_credit": "0", "invite_credit": "0",
+                                                 "invite_share": "0", "min_topup": "0.01",
+                                                 "smtp_host": "", "smtp_port": "587", "smtp_user": "",
+                                                 "smtp_from": "", "smtp_tls": "starttls"})
+        assert r.status == 200, re.findall(r'role="alert">([^<]*)', owner.last)
+        b = Browser(h)
+        try:
+            await b.get("/console/register")
+            r = await b.post("/console/register", {"email": cc.new_email(), "password": cc.PASSWORD})
+            assert r.status == 403
+        finally:
+            await b.close()
+        rows = await _q(h, "SELECT detail::text AS d, before::text AS b FROM audit_log"
+                           " WHERE action = 'settings.set' ORDER BY id DESC LIMIT 1")
+        assert '"closed"' in rows[0]["d"] and '"open"' in rows[0]["b"]
+        assert "max_devices" not in rows[0]["d"]  # unchanged values are not overrides
+        # A second worker's view: a fresh Live sees the change on its next refresh.
+        from relay.ops.settings import Live
 
-    live = Live(h.cfg)
-    await live.refresh(cc.console_of(h).db)
-    assert live.get("signup") == "closed"
-    await owner.post("/admin/settings", {"signup": "open"})
-    await asyncio.sleep(0)  # nothing to wait for: this worker refreshed on save
-    assert cc.console_of(h).cfg.signup == "open"
+        live = Live(h.cfg)
+        await live.refresh(cc.console_of(h).db)
+        assert live.get("signup") == "closed"
+        await owner.post("/admin/settings", {"signup": "open"})
+        await asyncio.sleep(0)  # nothing to wait for: this worker refreshed on save
+        assert cc.console_of(h).cfg.signup == "open"
+    finally:
+        # The settings live in the database this run's other tests share: back to config.
+        await _q(h, "DELETE FROM site_settings")
+        await _q(h, "SELECT nextval('site_settings_version')")
