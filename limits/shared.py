@@ -709,7 +709,7 @@ class Shared:
         }
 
     async def _heartbeat(self, now: float) -> set[Scope]:
-        """Say this worker lives; return the scopes it holds that another worker waits on."""
+        """Say this worker lives; return the scopes it knows that another worker waits on."""
         self._last_beat = now
         sweep = now - self._last_sweep > 60
         if sweep:
@@ -732,8 +732,9 @@ class Shared:
             if s is None:
                 continue
             s.demand_until = max(s.demand_until, now + (float(out[i + 1]) - rnow) / 1000)
-            if s.conc_held or s.held > 0:
-                wanted.add(s)  # answer: hand back what is unused, report what is used
+            # Answer even when holding nothing here: Redis may still count a claim of
+            # this worker that a failed round did not lower, and the waiter waits for it.
+            wanted.add(s)
         return wanted
 
     async def _round(self) -> None:
