@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import orjson
+
 from accounting import health, reports
 from relay.console.admin import show
 from relay.console.home import chart_json
@@ -29,7 +31,8 @@ async def overview(c: Any, p: Page) -> Response:
     if span == "day":
         start, bucket = health.hour_floor(now - timedelta(hours=23)), "hour"
     else:
-        start, bucket = health.hour_floor(now - timedelta(days=29)), "day"
+        start = (now - timedelta(days=29)).replace(hour=0, minute=0, second=0, microsecond=0)
+        bucket = "day"
     end = now + timedelta(hours=1)
     day_start = health.hour_floor(now - timedelta(hours=23))
     async with c.db.acquire() as conn:
@@ -41,9 +44,13 @@ async def overview(c: Any, p: Page) -> Response:
             "SELECT max(last_at) FROM usage_hourly_keys WHERE hour >= $1",
             health.hour_floor(now - timedelta(hours=2)))
     totals = {k: sum(int(r[k] or 0) for r in series) for k in ("requests", "errors", "cost_nano")}
-    step = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
-    spend = chart_json(series, c._(p, "Spend (USD)"), start if bucket == "hour" else None,
-                       end - step if bucket == "hour" else None, bucket)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    last = health.hour_floor(now) if bucket == "hour" else midnight
+    spend_data = orjson.loads(chart_json(series, c._(p, "Spend (USD)"), start, last, bucket))
+    spend_data["bucket"] = bucket
+    errors_at = {int(r["bucket"].timestamp()): int(r["errors"] or 0) for r in series}
+    errors_data = {**spend_data, "label": c._(p, "Errors"), "unit": "count",
+                   "y": [errors_at.get(x, 0) for x in spend_data["x"]]}
     by_cost = sorted(users, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
     keys_by_cost = sorted(keys, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
     models_by_cost = sorted(models, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
@@ -53,16 +60,9 @@ async def overview(c: Any, p: Page) -> Response:
         states.setdefault(str(snap.get("state", "closed")), []).append(name)
     flusher = getattr(c.worker, "flusher", None) if c.worker is not None else None
     ledger = flusher.stats() if flusher is not None else None
-    return show(c, p, "overview.html", span=span, series=series, totals=totals, chart=spend,
+    return show(c, p, "overview.html", span=span, series=series, totals=totals,
+                chart=orjson.dumps(spend_data).decode(),
                 users=by_cost, keys=keys_by_cost, models=models_by_cost, states=states,
                 ledger=ledger, last_row=last_row,
-                errors_chart=_errors_chart(c, p, series, bucket))
+                errors_chart=orjson.dumps(errors_data).decode())
 
-
-def _errors_chart(c: Any, p: Page, series: list[dict[str, Any]], bucket: str) -> str:
-    import orjson
-
-    return orjson.dumps({"label": c._(p, "Errors"), "x": [int(r["bucket"].timestamp()) for r in series],
-                         "y": [int(r["errors"] or 0) for r in series],
-                         "n": [int(r["requests"] or 0) for r in series],
-                         "from": None, "to": None}).decode()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from accounting import health, reports
+from accounting import reports
 from relay.console import back
 from relay.console.admin import Failed, body, int_field, run, show
 from relay.console.home import chart_json
@@ -58,12 +58,13 @@ async def user_page(c: Any, p: Page, error: str = "", status: int = 200) -> Resp
     except Failed as exc:
         return show(c, p, "missing.html", exc.status, error=exc.message)
     now = c.now()
-    start = health.hour_floor(now - timedelta(days=29))
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    start = today - timedelta(days=29)
     async with c.db.acquire() as conn:
         series = await reports.spend_series(conn, start, now + timedelta(hours=1), "day",
                                             user_id=u["id"])
     return show(c, p, "user.html", status, error=error, u=u, roles=ROLES,
-                chart=chart_json(series, c._(p, "Spend (USD)")),
+                chart=chart_json(series, c._(p, "Spend (USD)"), start, today, "day"),
                 month_nano=sum(int(r["cost_nano"] or 0) for r in series),
                 month_requests=sum(int(r["requests"] or 0) for r in series))
 

@@ -49,13 +49,17 @@
                                                   : { month: "short", day: "numeric", timeZone: tz });
     var money = new Intl.NumberFormat(lang, { style: "currency", currency: "USD", maximumFractionDigits: 9 });
     var ys = data.y.map(Number);
-    function yLabels(u, vals) { return moneyTicks(lang, vals); }
+    // A count (requests, errors) rather than money: whole numbers on the axis.
+    var count = data.unit === "count", whole = new Intl.NumberFormat(lang, { maximumFractionDigits: 0 });
+    function yLabels(u, vals) {
+      return count ? vals.map(function (v) { return v == null ? "" : whole.format(v); }) : moneyTicks(lang, vals);
+    }
     var width = Math.max(260, el.clientWidth - 8);
     var opts = {
       width: width, height: 240, tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), tz); },
       series: [{ value: function (u, v) { return v == null ? "" : fmt.format(new Date(v * 1000)); } },
                { label: data.label, stroke: "#0b5cad", fill: "rgba(11,92,173,0.12)", width: 2,
-                 value: function (u, v) { return v == null ? "" : money.format(v); } }],
+                 value: function (u, v) { return v == null ? "" : (count ? whole : money).format(v); } }],
       axes: [{ values: function (u, vals) { return vals.map(function (v) { return fmt.format(new Date(v * 1000)); }); } },
              { values: yLabels, size: function (u, vals) {
                  var n = 6;
