@@ -460,7 +460,8 @@ async def _scrape(session: aiohttp.ClientSession, port: int) -> dict[str, float]
 # --- the run --------------------------------------------------------------------------------
 
 
-async def setup_db(dsn: str, loop_concurrency: int) -> tuple[list[int], list[str], str, str]:
+async def setup_db(dsn: str, loop_concurrency: int, cap_usd: str = CAP_USD,
+                   loop_cap_usd: str = "0") -> tuple[list[int], list[str], str, str]:
     await _pg_exec(PG_ADMIN_DSN, f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
     await _pg_exec(PG_ADMIN_DSN, f'CREATE DATABASE "{DB}"')
     await migrate.apply_dsn(dsn)
@@ -473,10 +474,11 @@ async def setup_db(dsn: str, loop_concurrency: int) -> tuple[list[int], list[str
             users.append(uid)
             keys.append(secret)
         cuid = await store.create_user(conn, "soak-capped", parse_usd("1000"))
-        _, capped = await store.create_key(conn, cuid, name="capped", cap_nano=parse_usd(CAP_USD))
+        _, capped = await store.create_key(conn, cuid, name="capped", cap_nano=parse_usd(cap_usd))
         users.append(cuid)
         luid = await store.create_user(conn, "soak-loop", parse_usd("1000"))
-        _, looped = await store.create_key(conn, luid, name="loop", concurrency=loop_concurrency)
+        _, looped = await store.create_key(conn, luid, name="loop", concurrency=loop_concurrency,
+                                           cap_nano=parse_usd(loop_cap_usd))
         users.append(luid)
     finally:
         await conn.close()
@@ -539,7 +541,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     gw: Gateway | None = None
     load: Load | None = None
     try:
-        users, keys, capped, looped = await setup_db(dsn, args.loop_concurrency)
+        users, keys, capped, looped = await setup_db(dsn, args.loop_concurrency, args.cap_usd,
+                                                     args.loop_cap_usd)
         mock_port = free_port()
         mock = procs.spawn([PY, "-m", MOCK_MODULE, "--host", "127.0.0.1", "--port", str(mock_port)], work / "mock.log")
         err = wait_ready(mock, mock_port, {"authorization": f"Bearer {UPSTREAM_KEY}"}, work / "mock.log")
@@ -674,7 +677,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                       if k.startswith(("hang", "conn_error", "status_", "bad_", "unexpected", "stream_incomplete"))
                       and not k.startswith("bad_key_4")}
         loop_bad = {k: v for k, v in loopers.counts.items()
-                    if k not in ("ok", "conn_error_restart")}
+                    if k not in ("ok", "conn_error_restart")
+                    and not (args.loop_cap_usd != "0" and k.startswith("402 "))}
         ok = (not unexpected and not loop_bad and result["missing_rows"] == 0 and result["doubled_rows"] == 0
               and result["duplicate_request_ids"] == 0 and not result["balance_mismatches"]
               and not result["key_spend_mismatches"] and not result["cap_exceeded"])
@@ -703,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--loop-clients", type=int, default=40, help="closed-loop clients on their own key")
     ap.add_argument("--loop-concurrency", type=int, default=100, help="that key's concurrency limit")
+    ap.add_argument("--cap-usd", default=CAP_USD, help="the capped key's cap (smaller: it runs near its cap sooner)")
+    ap.add_argument("--loop-cap-usd", default="0",
+                    help="a spending cap on the loop clients' key (0: none); its 402s are expected")
     ap.add_argument("--out", default="", help="output directory (default bench/out/soak-<timestamp>)")
     ap.add_argument("--verbose", action="store_true", help="print every 10 s sample")
     args = ap.parse_args(argv)

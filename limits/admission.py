@@ -819,6 +819,8 @@ class Limiter:
         it (with shared limits: what this worker holds, the rest being spent per Redis)."""
         if self.shared is not None or s.db is None:
             avail = s.held - s.reserved
+            if s.mhold and self.clock() < s.hold_until:
+                avail -= s.mhold  # got for requests that waited and are about to take it
         else:
             avail = s.limit + s.db - s.unflushed - s.reserved
         return (f": this request needs up to {format_usd(need)} USD (its input and max output"
