@@ -46,6 +46,7 @@ from relay.proxy import (
     upstream_headers,
 )
 from relay.request import (
+    BOUND_FIELDS,
     BOUNDED_ROUTES,
     ModelRequest,
     bound_field,
@@ -340,8 +341,18 @@ class Gateway:
             attempt_plan = list(self._attempt_plan(model, channels, route))
             sent, bodies, max_out, max_in = self._bounded_bodies(req.body, mr, route, attempt_plan)
             if self.limiter is not None:
-                lease = await self._admit(key, model, body, sent, max_in, max_out, req, price,
-                                          multiplier, allowed, route)
+                try:
+                    lease = await self._admit(key, model, body, sent, max_in, max_out, req,
+                                              price, multiplier, allowed, route)
+                except E.InsufficientQuota:
+                    fitted = await self._fit_output(key, route, mr, sent, attempt_plan, price,
+                                                    multiplier, max_in)
+                    if fitted is None:
+                        raise
+                    mr, (sent, bodies, max_out, max_in) = fitted
+                    body = mr.body
+                    lease = await self._admit(key, model, body, sent, max_in, max_out, req,
+                                              price, multiplier, allowed, route)
             elif not allowed:
                 raise E.ModelNotAllowed(f"This key may not use the model '{model}'")
 
@@ -578,6 +589,46 @@ class Gateway:
                               retry_after=decision.retry_after, headers=decision.headers)
         raise E.RateLimited("Rate limit state unavailable, retry shortly", retry_after=1)
 
+    async def _fit_output(
+        self, key: Any, route: Route, mr: ModelRequest, sent: bytes,
+        attempt_plan: list[tuple[str, Channel]], price: Any, multiplier: Fraction, max_in: int,
+    ) -> tuple[ModelRequest, tuple[bytes, dict[Plan, dict[str, Any]], int, int]] | None:
+        """For a group that opted in (groups.fit_output): the bodies with their output
+        bound lowered to what the key can still afford, or None (the 402 stands). The
+        upstream then stops at that bound: the client sees finish_reason "length"."""
+        if (key.group not in self.groups.fit_output or price is None
+                or route.name not in BOUNDED_ROUTES or self.limiter is None):
+            return None
+        room = self.limiter.headroom(key)
+        if not room or room <= 0:
+            return None
+        body = mr.body
+        est_in, _ = await self._tight(route, body, sent, mr.model,
+                                      max_in + media_tokens(sent, body), 0, price, multiplier)
+        choices = choices_of(route.name, body)
+        # The reservation is linear in the output: solve, then step down past rounding.
+        per_token = estimate_max_cost(0, 1_000_000, price, multiplier)
+        spare = room - estimate_max_cost(est_in, 0, price, multiplier)
+        total = spare * 1_000_000 // per_token if per_token else 0
+        while total > 0 and estimate_max_cost(est_in, total, price, multiplier) > room:
+            total -= 1
+        per_choice = total // choices
+        if per_choice < FIT_OUTPUT_MIN:
+            return None
+        fitted = dict(body)
+        present = [n for n in BOUND_FIELDS[route.name] if fitted.get(n) is not None]
+        for name in present:
+            fitted[name] = min(fitted[name], per_choice)
+        if not present:
+            fitted[bound_field(route.name, self._is_reasoning(mr.model))] = per_choice
+        th = fitted.get("thinking")
+        if type(th) is dict and type(th.get("budget_tokens")) is int and th["budget_tokens"] >= per_choice:
+            if per_choice - 1 < MIN_THINKING_BUDGET:
+                return None  # thinking cannot fit: the 402 says what is needed
+            fitted["thinking"] = {**th, "budget_tokens": per_choice - 1}
+        fitted_mr = ModelRequest(fitted, mr.model, mr.stream, mr.include_usage)
+        return fitted_mr, self._bounded_bodies(orjson.dumps(fitted), fitted_mr, route, attempt_plan)
+
     async def _tight(self, route: Route, body: dict[str, Any], raw: bytes, model: str,
                      est_in: int, max_out: int, price: Any, multiplier: Fraction) -> tuple[int, int]:
         """(input tokens, reservation) with the input counted as the upstream will count
@@ -795,6 +846,10 @@ def _fraction_str(f: Fraction) -> str:
 
 _last_fraction: list[Any] = [_ONE, "1"]
 
+
+# A lowered bound below this many tokens per choice is no answer: the 402 stands.
+FIT_OUTPUT_MIN = 16
+MIN_THINKING_BUDGET = 1024  # Anthropic's least thinking budget
 
 # A request whose fast reservation would take more than 1/8 of what is left is counted
 # exactly before admission (relay.request.tight_input_tokens).

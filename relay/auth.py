@@ -78,7 +78,13 @@ class Groups:
     def __init__(self) -> None:
         self.multiplier: dict[str, Fraction] = {"default": Fraction(1)}
         self.models: dict[str, tuple[str, ...]] = {"default": ("*",)}
+        self.fit_output: set[str] = set()  # groups whose bounds are lowered, not refused
 
-    def set(self, name: str, multiplier: Fraction, models: tuple[str, ...]) -> None:
+    def set(self, name: str, multiplier: Fraction, models: tuple[str, ...],
+            fit_output: bool = False) -> None:
         self.multiplier[name] = multiplier
         self.models[name] = models
+        if fit_output:
+            self.fit_output.add(name)
+        else:
+            self.fit_output.discard(name)

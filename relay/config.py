@@ -221,6 +221,8 @@ class GroupConfig:
     name: str
     multiplier: str = "1"  # exact decimal or fraction string, e.g. "0.8" or "2/3"
     models: tuple[str, ...] = ("*",)
+    # Lower a request's output bound to what the key can afford instead of answering 402.
+    fit_output: bool = False
 
 
 @dataclass(frozen=True, slots=True)

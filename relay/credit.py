@@ -24,6 +24,7 @@ from relay.checkpoints import CALIBRATE_BYTES, OutputMeter
 
 WINDOW = 64 * 1024  # at most this many stream bytes are held uncounted
 MIN_STEP = 1024
+BYTES_PER_TOKEN = 200  # the most SSE bytes a streamed token takes, as providers frame them
 
 class OutputCredit:
     """A native stream's output meter and the output it reserved (0: no limit)."""
@@ -41,25 +42,37 @@ class OutputCredit:
         return self.meter.tokens
 
     def first_step(self) -> int:
-        # Never below MIN_STEP: the first count also hands the stream's first bytes, which
-        # hold its response id, to relay.requestids.
-        return max(min(self.limit, CALIBRATE_BYTES), MIN_STEP) if self.limit else CALIBRATE_BYTES
+        """Bytes before the first count. A stream sends about 100 to 200 bytes a token
+        (the SSE framing around each delta), so one that keeps to its bound is not
+        counted while it lives unless it passes WINDOW (memory); one that overruns is
+        caught near its limit. The count is one framing of the first CALIBRATE_BYTES
+        and a scan for event ends after."""
+        if not self.limit:
+            return WINDOW
+        return min(max(self.limit * BYTES_PER_TOKEN, CALIBRATE_BYTES), WINDOW)
 
     def count(self, chunks: list[bytes], sent: int) -> int:
         """Count the chunks since the last count (`sent`: the stream's bytes so far);
         return the bytes to the next check, or -1 when the stream overran its credit."""
         m = self.meter
+        if not m.calibrated and chunks:
+            start = sent - sum(map(len, chunks))
+            if start < CALIBRATE_BYTES < sent:
+                # Frame only the chunks that reach CALIBRATE_BYTES; the meter counts the
+                # rest by their event ends, at the rate it found.
+                reach, i = start, 0
+                while i < len(chunks) and reach < CALIBRATE_BYTES:
+                    reach += len(chunks[i])
+                    i += 1
+                m.count_chunks(chunks[:i], reach)
+                chunks = chunks[i:]
         n = m.count_chunks(chunks, sent)
         if not self.limit:
             return WINDOW
         left = self.limit - n
         if left < 0:
             return -1
-        if m.calibrated:  # past calibration, counting events: a window at a time
-            step = WINDOW
-        else:  # counting exactly: no fewer than `left` tokens fit in `left` bytes
-            step = min(left, CALIBRATE_BYTES)
-        return min(max(step, MIN_STEP), WINDOW)
+        return WINDOW if m.calibrated else min(max(left, MIN_STEP), WINDOW)
 
     def finish(self, chunks: list[bytes], sent: int) -> int:
         """Every output token the stream emitted, by this count (a cut stream's estimate)."""

@@ -36,7 +36,7 @@ MAX_CHOICES = 128
 # Routes whose upstream produces output, and so whose bodies carry a bound.
 BOUNDED_ROUTES = frozenset(("chat", "completions", "responses", "messages"))
 # Fields holding an output bound, per upstream route (as that protocol reads them).
-_BOUND_FIELDS = {
+BOUND_FIELDS = {
     "chat": ("max_tokens", "max_completion_tokens"),
     "completions": ("max_tokens",),
     "responses": ("max_output_tokens",),
@@ -180,7 +180,7 @@ def _int(obj: dict[str, Any], name: str) -> int:
 
 def bound_of(route: str, body: dict[str, Any]) -> int:
     """The output bound `body` names for an upstream speaking `route`, per choice; 0: none."""
-    fields = _BOUND_FIELDS.get(route)
+    fields = BOUND_FIELDS.get(route)
     if fields is None:
         return 0
     bound = 0
@@ -216,7 +216,7 @@ def bound_field(route: str, reasoning: bool) -> str:
     refuse `max_tokens`; every other chat upstream reads it."""
     if route == "chat":
         return "max_completion_tokens" if reasoning else "max_tokens"
-    return _BOUND_FIELDS[route][0]
+    return BOUND_FIELDS[route][0]
 
 
 def inject_raw(raw: bytes, name: str, value: int) -> bytes:

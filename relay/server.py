@@ -57,12 +57,13 @@ async def prepare(cfg: Config, dsn: str) -> str | None:
         await pricing.sync_config_prices(conn, cfg.prices)
         for g in cfg.groups:
             await conn.execute(
-                "INSERT INTO groups (name, multiplier, models) VALUES ($1, $2, $3)"
+                "INSERT INTO groups (name, multiplier, models, fit_output) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT (name) DO UPDATE SET multiplier = EXCLUDED.multiplier,"
-                " models = EXCLUDED.models"
+                " models = EXCLUDED.models, fit_output = EXCLUDED.fit_output"
                 " WHERE groups.multiplier IS DISTINCT FROM EXCLUDED.multiplier"
-                " OR groups.models IS DISTINCT FROM EXCLUDED.models",
-                g.name, g.multiplier, list(g.models),
+                " OR groups.models IS DISTINCT FROM EXCLUDED.models"
+                " OR groups.fit_output IS DISTINCT FROM EXCLUDED.fit_output",
+                g.name, g.multiplier, list(g.models), g.fit_output,
             )
         await _owner_setup(cfg, conn)
         if cfg.demo.create_demo_user and await conn.fetchval("SELECT count(*) FROM users") == 0:

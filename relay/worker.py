@@ -250,7 +250,7 @@ class Worker:
         db = self.db
         await gw.keys.refresh(db)
         rows = await db.fetch(
-            "SELECT name, multiplier, models, version FROM groups WHERE version > $1",
+            "SELECT name, multiplier, models, fit_output, version FROM groups WHERE version > $1",
             self._group_version)
         for r in rows:
             try:
@@ -258,7 +258,7 @@ class Worker:
             except ValueError:
                 log.warning("group %s has an invalid multiplier %r; using 1", r["name"], r["multiplier"])
                 mult = Fraction(1)
-            gw.groups.set(r["name"], mult, tuple(r["models"]))
+            gw.groups.set(r["name"], mult, tuple(r["models"]), r["fit_output"])
             self._group_version = max(self._group_version, r["version"])
         changed, cursor = await store.fetch_channels(db, self._channel_version)
         if changed or self._channel_version == 0:

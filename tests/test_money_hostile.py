@@ -287,3 +287,30 @@ async def test_near_exhaustion_the_input_is_counted_before_refusing(
     assert statuses.count(200) >= 17, statuses
     assert set(statuses) <= {200, 402}
     assert await balance(gw, user_id) >= 0
+
+
+# --- a group that opts in to lowered bounds ---------------------------------------------------
+
+
+async def test_a_fit_output_group_gets_the_affordable_bound_instead_of_402(pg_dsn: str) -> None:
+    h = await Harness().start(pg_dsn, groups=[{"name": "fit", "fit_output": True}])
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "claude-sonnet-4-6", "max_tokens": 64000, "messages": MSG}
+            headers = {"x-mock-chunks": "5000"}
+            # 64,000 tokens at 15 USD/M is 0.96 USD; 0.01 USD affords about 660.
+            _, _, plain = await h.user_and_key(balance="0.01")
+            status, obj, _ = await send(http, h, "/v1/messages", body, plain,
+                                        {**headers, "x-api-key": plain})
+            assert status == 402, obj
+            user_id, _, fit = await h.user_and_key(balance="0.01", group="fit")
+            status, obj, _ = await send(http, h, "/v1/messages", body, fit,
+                                        {**headers, "x-api-key": fit})
+            assert status == 200, obj
+            assert obj["stop_reason"] == "max_tokens"
+            sent = upstream_body(h)
+            assert 300 < sent["max_tokens"] <= 666
+            assert obj["usage"]["output_tokens"] == sent["max_tokens"]
+            assert 0 <= await balance(h, user_id) < parse_usd("0.001")
+    finally:
+        await h.stop()
