@@ -33,43 +33,56 @@ _ANTHROPIC = frozenset((b"anthropic-version", b"anthropic-dangerous-direct-brows
                         b"x-app"))
 
 
+_DROP, _PASS, _BETA = 0, 1, 2
+
+
 class HeaderPolicy:
-    __slots__ = ("_betas", "_extra", "_patterns", "_protocol")
+    """Per channel: a verdict per header name, decided once (names are few and repeat),
+    so filtering a request's headers is a dict lookup each."""
+
+    __slots__ = ("_betas", "_native", "_patterns", "_protocol", "_translated")
 
     def __init__(self, protocol: str, betas: tuple[str, ...], forward: tuple[str, ...]) -> None:
         self._protocol = _ANTHROPIC if protocol == "anthropic" else _OPENAI
         self._betas = frozenset(b.strip() for b in betas)
         self._patterns = tuple(p.lower() for p in forward)
-        self._extra: dict[bytes, bool] = {}
+        self._native: dict[bytes, int] = {}
+        self._translated: dict[bytes, int] = {}
+
+    def _verdict(self, name: bytes, translated: bool) -> int:
+        if name == b"anthropic-beta":
+            v = _BETA if self._protocol is _ANTHROPIC and not translated else _DROP
+        elif translated and (name == b"content-type" or name in _ANTHROPIC or name in _OPENAI):
+            v = _DROP  # the client's protocol headers stay behind; the body's type is ours
+        elif name in _COMMON or name in self._protocol or name.startswith(_SDK_PREFIX):
+            v = _PASS
+        elif self._patterns and any(fnmatch.fnmatchcase(name.decode("latin-1"), p)
+                                    for p in self._patterns):
+            v = _PASS
+        else:
+            v = _DROP
+        cache = self._translated if translated else self._native
+        if len(cache) < 1024:  # names come from clients: bounded
+            cache[name] = v
+        return v
 
     def allows(self, name: bytes) -> bool:
-        if name in _COMMON or name in self._protocol or name.startswith(_SDK_PREFIX):
-            return True
-        if not self._patterns:
-            return False
-        hit = self._extra.get(name)
-        if hit is None:
-            text = name.decode("latin-1")
-            hit = any(fnmatch.fnmatchcase(text, p) for p in self._patterns)
-            if len(self._extra) < 1024:  # names come from clients: bounded
-                self._extra[name] = hit
-        return hit
+        return self._verdict(name, False) == _PASS
 
     def filter(self, headers: list[tuple[bytes, bytes]], translated: bool) -> list[tuple[bytes, bytes]]:
-        """The client's headers this channel's upstream may see. On the translated path
-        the client's protocol headers stay behind (the body's type is ours to set)."""
+        """The client's headers this channel's upstream may see."""
+        cache = self._translated if translated else self._native
         out = []
-        for k, v in headers:
-            if k == b"anthropic-beta":
-                if self._protocol is _ANTHROPIC and not translated:
-                    kept = self.betas(v)
-                    if kept:
-                        out.append((k, kept))
-                continue
-            if translated and (k == b"content-type" or k in _ANTHROPIC or k in _OPENAI):
-                continue
-            if self.allows(k):
-                out.append((k, v))
+        for h in headers:
+            v = cache.get(h[0])
+            if v is None:
+                v = self._verdict(h[0], translated)
+            if v == _PASS:
+                out.append(h)
+            elif v == _BETA:
+                kept = self.betas(h[1])
+                if kept:
+                    out.append((h[0], kept))
         return out
 
     def betas(self, value: bytes) -> bytes:

@@ -48,6 +48,8 @@ _CHOICE_FIELDS = {
     "completions": ("n", "best_of"),
 }
 _INT_FIELDS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of"))
+# Every member whose type the gateway checks (relay.request._check).
+_CHECKED = _INT_FIELDS | {"stream", "stream_options", "thinking", "reasoning_effort", "reasoning"}
 # Nested names whose duplication would change what an upstream produces or charges,
 # under the top-level member that holds them.
 _NESTED = (("thinking", b'"budget_tokens"'), ("stream_options", b'"include_usage"'),
@@ -102,11 +104,19 @@ def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
         raise E.InvalidRequest(f"Malformed JSON body: {exc}")
     if type(body) is not dict:
         raise E.InvalidRequest("The request body must be a JSON object")
+    # One pass over the members: each name's count in the raw bytes (a duplicate
+    # shows twice), and a check of the members the gateway reads.
     suspect = False
+    checked = _CHECKED
+    quoted = _QUOTED
     for name in body:
-        if raw.count(_quoted(name)) > 1:
+        q = quoted.get(name)
+        if q is None:
+            q = _quoted(name)
+        if raw.count(q) > 1:
             suspect = True
-            break
+        if name in checked:
+            _check(body, name)
     if not suspect:
         for parent, q in _NESTED:
             if parent in body and raw.count(q) > 1:
@@ -119,39 +129,41 @@ def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
         raise E.InvalidRequest("Missing required field: model (a string)")
     if len(m) > 256 or not m.isprintable():
         raise E.InvalidRequest("Invalid model name: at most 256 printable characters")
-    s = body.get("stream")
-    if s is not None and type(s) is not bool:
-        raise E.InvalidRequest("stream must be true or false")
-    for name in _INT_FIELDS:
-        if name in body:
-            _int_field(body, name)
-    include = False
     so = body.get("stream_options")
-    if so is not None:
-        if type(so) is not dict:
+    include = type(so) is dict and so.get("include_usage") is True
+    return ModelRequest(body, m, body.get("stream") is True and streamable, include)
+
+
+def _check(body: dict[str, Any], name: str) -> None:
+    """A member the gateway reads: its type, or a 400 naming it."""
+    v = body[name]
+    if v is None:
+        return
+    if name in _INT_FIELDS:
+        _int_field(body, name)
+    elif name == "stream":
+        if type(v) is not bool:
+            raise E.InvalidRequest("stream must be true or false")
+    elif name == "stream_options":
+        if type(v) is not dict:
             raise E.InvalidRequest("stream_options must be an object")
-        iu = so.get("include_usage")
+        iu = v.get("include_usage")
         if iu is not None and type(iu) is not bool:
             raise E.InvalidRequest("stream_options.include_usage must be true or false")
-        include = iu is True
-    th = body.get("thinking")
-    if th is not None:
-        if type(th) is not dict:
+    elif name == "thinking":
+        if type(v) is not dict:
             raise E.InvalidRequest("thinking must be an object")
-        if "budget_tokens" in th:
-            _int_field(th, "budget_tokens", "thinking.budget_tokens")
-    for name in ("reasoning_effort",):
-        v = body.get(name)
-        if v is not None and type(v) is not str:
-            raise E.InvalidRequest(f"{name} must be a string")
-    r = body.get("reasoning")
-    if r is not None:
-        if type(r) is not dict:
+        if "budget_tokens" in v:
+            _int_field(v, "budget_tokens", "thinking.budget_tokens")
+    elif name == "reasoning_effort":
+        if type(v) is not str:
+            raise E.InvalidRequest("reasoning_effort must be a string")
+    elif name == "reasoning":
+        if type(v) is not dict:
             raise E.InvalidRequest("reasoning must be an object")
-        eff = r.get("effort")
+        eff = v.get("effort")
         if eff is not None and type(eff) is not str:
             raise E.InvalidRequest("reasoning.effort must be a string")
-    return ModelRequest(body, m, s is True and streamable, include)
 
 
 def _int_field(obj: dict[str, Any], name: str, path: str = "") -> int:
