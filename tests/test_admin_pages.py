@@ -312,3 +312,29 @@ async def test_settings_take_effect_within_a_second(h, owner) -> None:
         # The settings live in the database this run's other tests share: back to config.
         await _q(h, "DELETE FROM site_settings")
         await _q(h, "SELECT nextval('site_settings_version')")
+
+
+async def test_groups_and_invites(h, owner) -> None:
+    await owner.get("/admin/groups")
+    r = await owner.post("/admin/groups", {"name": "vip-x", "multiplier": "2/3", "models": "gpt-*"})
+    assert r.status == 200 and "vip-x" in owner.last
+    r = await owner.post("/admin/groups/vip-x", {"multiplier": "0.8", "models": "gpt-*, claude-*"})
+    row = (await _q(h, "SELECT multiplier, models FROM groups WHERE name = 'vip-x'"))[0]
+    assert row["multiplier"] in ("0.8", "4/5") and list(row["models"]) == ["gpt-*", "claude-*"]
+    r = await owner.post("/admin/groups", {"name": "bad", "multiplier": "-1"})
+    assert r.status == 400
+    # An invitation whose first top-up paid the inviter shows with its payout.
+    from accounting import growth, store
+
+    conn = await asyncpg.connect(h.dsn)
+    try:
+        inviter = await store.create_user(conn, f"inv-{cc.new_email()}")
+        code = await growth.create_invite_code(conn, inviter)
+        terms = growth.Terms(signup_nano=0, invite_nano=0, share=growth.Fraction(1, 10))
+        got = await growth.signup(conn, f"new-{cc.new_email()}", terms, code)
+    finally:
+        await conn.close()
+    await owner.get(f"/admin/users/{got['user_id']}")
+    await owner.post(f"/admin/users/{got['user_id']}/adjust", {"amount": "10", "note": "first"})
+    await owner.get("/admin/invites")
+    assert 'data-testid="invite-row"' in owner.last

@@ -69,3 +69,66 @@ async def test_the_admin_api_schedules_a_price(h) -> None:
                          json={"model": "sched-model", "input": "1", "output": "2",
                                "effective_at": "2001-01-01T00:00:00Z"})
         assert r.status == 400
+
+
+async def test_a_stream_started_before_the_instant_keeps_the_old_price(h) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from accounting import pricing
+
+    hdr = {"Authorization": "Bearer " + "t" * 40}
+    _, _, secret = await h.user_and_key(balance="50")
+    book = h.worker.gw.pricebook
+    async with aiohttp.ClientSession() as s:
+        # A model of this test's own: the run's other tests keep their prices.
+        r = await s.post(h.url + "/admin/v1/prices", headers=hdr,
+                         json={"model": "gpt-sched", "input": "0.15", "output": "0.60"})
+        old = (await r.json())["version"]
+        for _ in range(100):
+            if book.lookup("gpt-sched").version == old:
+                break
+            await asyncio.sleep(0.05)
+        at = datetime.now(UTC) + timedelta(seconds=2)
+        r = await s.post(h.url + "/admin/v1/prices", headers=hdr,
+                         json={"model": "gpt-sched", "input": "0.30", "output": "1.20",
+                               "effective_at": at.isoformat()})
+        assert r.status == 201, await r.text()
+        new = (await r.json())["version"]
+        # The worker loads the version at its next poll (about a second), long before `at`.
+        for _ in range(100):
+            if any(v.version == new for v in book.scheduled()):
+                break
+            await asyncio.sleep(0.05)
+        assert book.lookup("gpt-sched").version == old
+        # A second worker's book, loaded from Postgres, switches at the same instant.
+        conn = await asyncpg.connect(h.dsn)
+        try:
+            other = pricing.PriceBook(await pricing.load_since(conn, 0))
+        finally:
+            await conn.close()
+        assert other.lookup("gpt-sched").version == old
+        auth = {"Authorization": f"Bearer {secret}"}
+        stream = await s.post(h.url + "/v1/chat/completions", headers=auth, json={
+            "model": "gpt-sched", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+            "mock": {"chunks": 20, "delay_ms": 150}})
+        assert stream.status == 200
+        started_rid = stream.headers["x-request-id"]
+        await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()) + 0.05)
+        assert book.lookup("gpt-sched").version == new
+        assert other.lookup("gpt-sched").version == new
+        await stream.read()  # the stream ends after the instant
+        r = await s.post(h.url + "/v1/chat/completions", headers=auth, json={
+            "model": "gpt-sched", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status == 200
+        after_rid = r.headers["x-request-id"]
+    await h.flush()
+    conn = await asyncpg.connect(h.dsn)
+    try:
+        rows = {r["request_id"]: r["price_version"] for r in await conn.fetch(
+            "SELECT request_id, price_version FROM usage_log WHERE request_id = ANY($1::text[])",
+            [started_rid, after_rid])}
+    finally:
+        await conn.close()
+    assert rows == {started_rid: old, after_rid: new}

@@ -22,7 +22,8 @@ from tests.browser.test_console_browser import SHOTS, ZH, _axe, _email, _eventua
 from tests.console_client import PASSWORD as OPERATOR_PASSWORD
 
 ADMIN_PAGES = [("overview", "/admin"), ("users", "/admin/users"), ("user", "/admin/users/{user}"),
-               ("keys", "/admin/keys"), ("channels", "/admin/channels"),
+               ("keys", "/admin/keys"), ("groups", "/admin/groups"), ("invites", "/admin/invites"),
+               ("channels", "/admin/channels"),
                ("channel", "/admin/channels/mock-openai"), ("prices", "/admin/prices"),
                ("price-versions", "/admin/prices/gpt-4o-mini"), ("codes", "/admin/codes"),
                ("plans", "/admin/plans"), ("announcements", "/admin/announcements"),

@@ -10,6 +10,7 @@ only an owner may take (naming operators) is refused again inside relay.ops.
     overview.py       site-wide requests, spend, errors; top users, keys, models; channels; ledger
     users.py          search, a user's page: balance, role, status, devices, sessions, keys...
     keys.py           every key: search, edit, limits, disable/enable
+    groups.py         groups (multiplier, models) and invites (terms, payouts)
     channels.py       channels: create, edit, enable/disable, test, live health
     prices.py         prices: current, versions, diff, scheduled changes
     codes.py          redemption codes: batches, CSV, void
@@ -38,6 +39,7 @@ def routes(c: Any) -> None:
         audit,
         channels,
         codes,
+        groups,
         keys,
         logs,
         notes,
@@ -49,8 +51,8 @@ def routes(c: Any) -> None:
         users,
     )
 
-    for m in (overview, users, keys, channels, prices, codes, plans, notes, tickets, logs, audit,
-              settings):
+    for m in (overview, users, keys, groups, channels, prices, codes, plans, notes, tickets, logs,
+              audit, settings):
         m.routes(c)
 
 
