@@ -385,7 +385,12 @@ class Limiter:
             await self.shared.close()
 
     async def refill(self, key: KeyState) -> None:
-        """Make `admit` decidable for this key: load budgets, lease blocks from Redis."""
+        """Make `admit` decidable for this key: load budgets, lease blocks from Redis.
+
+        Await it directly in the request's own task (not through a new task, as
+        `asyncio.wait_for` makes on 3.11): it marks that task's next `admit` as one that
+        waited, which may take what the sync got for the waiters (see `_WAITED`).
+        """
         now = self.clock()
         k = self._scope(self.keys, "k", key.id, now)
         u = self._scope(self.users, "u", key.user_id, now)
