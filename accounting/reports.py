@@ -220,8 +220,54 @@ async def request_log(
     Keyset pagination on (ts, request_id): a page costs the same at row 10 and row 10M.
     """
     limit = max(1, min(limit, 1000))
-    where, args = _filters(start, end, "ts", user_id=user_id, key_id=key_id, model=model,
-                           group_name=group, channel=channel)
+    query = await request_log_query(
+        conn, start=start, end=end, user_id=user_id, key_id=key_id, model=model, group=group,
+        status=status, errors_only=errors_only, limit=limit + 1, before_cursor=before_cursor,
+        channel=channel)
+    if query is None:
+        return [], None
+    sql, args = query
+    rows = [_row_dict(r) for r in await conn.fetch(sql, *args)]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (_cursor(rows[-1]) if more and rows else None)
+
+
+async def request_log_query(
+    conn: asyncpg.Connection,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    user_id: int | None = None,
+    key_id: int | None = None,
+    model: str | None = None,
+    group: str | None = None,
+    status: int | None = None,
+    errors_only: bool = False,
+    limit: int = 50,
+    before_cursor: str | None = None,
+    channel: str | None = None,
+    export: bool = False,
+) -> tuple[str, list[Any]] | None:
+    """The statement of one page of `request_log` (up to `limit` rows, newest first, every
+    column of _LOG_COLS), for a caller that reads it another way; None when the user has
+    no keys (no rows).
+
+    `export`: one statement for many rows at once (the console's CSV export copies it
+    out as CSV): the user's keys are read together and sorted once, instead of walking
+    each key for `limit` rows, which for a large limit reads far back on quiet keys."""
+    key_ids: list[int] = []
+    if user_id is not None and key_id is None:
+        key_ids = [r[0] for r in await conn.fetch(
+            "SELECT id FROM keys WHERE user_id = $1 ORDER BY id LIMIT $2",
+            user_id, _USER_KEYS_WALK_MAX + 1)]
+        if not key_ids:
+            return None
+    walk_keys = 0 < len(key_ids) <= _USER_KEYS_WALK_MAX
+    # Walking the user's keys, the user's id is no filter (keys never change owner), and
+    # Postgres, taking it for one, would expect a few rows per key and sort them all.
+    where, args = _filters(start, end, "ts", user_id=None if walk_keys else user_id,
+                           key_id=key_id, model=model, group_name=group, channel=channel)
     clauses = [where[len(" WHERE "):]] if where else []
     if status is not None:
         args.append(status)
@@ -239,30 +285,32 @@ async def request_log(
         args += [ts, rid]
         clauses.append(f"(ts, request_id) < (${len(args) - 1}, ${len(args)})")
     order = "ORDER BY ts DESC, request_id DESC"
-    key_ids: list[int] = []
-    if user_id is not None and key_id is None:
-        key_ids = [r[0] for r in await conn.fetch(
-            "SELECT id FROM keys WHERE user_id = $1 ORDER BY id LIMIT $2",
-            user_id, _USER_KEYS_WALK_MAX + 1)]
-        if not key_ids:
-            return [], None
-    args.append(limit + 1)
+    # Each walk is ordered by ts alone, which the (key_id, ts), (ts), (model, ts) and
+    # error indexes give directly, and keeps the rows tied with its last one (WITH TIES),
+    # so the outer (ts, request_id) order over them is exact. Ordered by
+    # (ts, request_id) inside, no index gives the order: with a plan made for the
+    # parameters' values (asyncpg's first five runs of a statement) Postgres read and
+    # sorted every row of a busy key in the window, 0.4-0.8 s for a week
+    # (bench/RESULTS.md, "Console pages at scale").
+    walk = "ORDER BY ts DESC FETCH FIRST {n} ROWS WITH TIES"
+    args.append(limit)
     lim = f"LIMIT ${len(args)}"
-    if 0 < len(key_ids) <= _USER_KEYS_WALK_MAX:
+    first = walk.format(n=f"${len(args)}")
+    if walk_keys and export:
+        args.append(key_ids)
+        clauses.append(f"key_id = ANY(${len(args)}::bigint[])")
+        sql = f"SELECT {_LOG_COLS} FROM usage_log WHERE {' AND '.join(clauses)} {order} {lim}"
+    elif walk_keys:
         args.append(key_ids)
         clauses.append("key_id = k.id")
         sql = (f"SELECT l.* FROM unnest(${len(args)}::bigint[]) AS k(id) CROSS JOIN LATERAL"
-               f" (SELECT {_LOG_COLS} FROM usage_log WHERE {' AND '.join(clauses)} {order} {lim}) l"
+               f" (SELECT {_LOG_COLS} FROM usage_log WHERE {' AND '.join(clauses)} {first}) l"
                f" {order} {lim}")
     else:
-        sql = f"SELECT {_LOG_COLS} FROM usage_log"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += f" {order} {lim}"
-    rows = [_row_dict(r) for r in await conn.fetch(sql, *args)]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (_cursor(rows[-1]) if more and rows else None)
+        where_sql = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql = (f"SELECT * FROM (SELECT {_LOG_COLS} FROM usage_log{where_sql} {first}) l"
+               f" {order} {lim}")
+    return sql, args
 
 
 async def daily_model_costs(
@@ -282,7 +330,7 @@ async def daily_model_costs(
     return [dict(r) for r in rows]
 
 
-CODE_STATES = ("unused", "redeemed", "expired", "void")
+CODE_STATES = ("unused", "redeemed", "expired")
 
 
 async def list_codes(
@@ -311,14 +359,12 @@ async def list_codes(
     elif state == "unused":
         where.append("redeemed_by IS NULL AND (expires_at IS NULL OR expires_at > now())")
     elif state == "expired":
-        where.append("redeemed_by IS NULL AND expires_at <= now() AND voided_at IS NULL")
-    elif state == "void":
-        where.append("voided_at IS NOT NULL")
+        where.append("redeemed_by IS NULL AND expires_at <= now()")
     args += [max(1, min(limit, 1000)), max(0, offset)]
     clause = (" WHERE " + " AND ".join(where)) if where else ""
     rows = await conn.fetch(
-        "SELECT prefix, amount_nano, batch_id, expires_at, redeemed_by, redeemed_at, created_at,"
-        f" voided_at FROM redemption_codes{clause} ORDER BY batch_id DESC, created_at DESC, prefix"
+        "SELECT prefix, amount_nano, batch_id, expires_at, redeemed_by, redeemed_at, created_at"
+        f" FROM redemption_codes{clause} ORDER BY batch_id DESC, created_at DESC, prefix"
         f" LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
     return [dict(r) for r in rows]
 

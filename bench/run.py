@@ -295,7 +295,8 @@ class Bench:
             base, _, variant = name.partition("-")
             workers = 1 if base == "tollway1" else self.args.workers
             redis = base == "tollwayN" or variant == "redis"
-            off = {"nolimits": "limits", "noledger": "ledger", "bare": "limits,ledger"}.get(variant, "")
+            off = {"nolimits": "limits", "noledger": "ledger", "bare": "limits,ledger",
+                   "noconsole": "console"}.get(variant, "")
             # -proc: the ledger in its own process ([ledger] process = true)
             argv_or_note = self.tollway_argv(t, workers, redis=redis,
                                              ledger_process=variant == "proc")
@@ -663,7 +664,7 @@ def table(rows: list[Row], order: list[str]) -> str:
     return "\n".join(out)
 
 
-_WITHOUT = ("-noledger", "-nolimits", "-bare")
+_WITHOUT = ("-noledger", "-nolimits", "-bare", "-noconsole")
 
 
 def component_costs(rows: list[Row], order: list[str]) -> str:
@@ -746,6 +747,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     + ",".join(s.name for s in SCENARIOS))
     ap.add_argument("--targets", default="direct,nginx,thin,tollway1,tollwayN",
                     help="also: tollway1-redis, tollway1-nolimits, tollway1-noledger, tollway1-bare,"
+                    " tollway1-noconsole (no console pages),"
                     " tollway1-proc (the ledger in its own process)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N for tollwayN")
     ap.add_argument("--mock-workers", type=int, default=0, help="passed to the mock as --workers")

@@ -358,15 +358,15 @@ def worker_main(cfg: Config, dsn: str, index: int, sock: socket.socket | None) -
 async def _worker(cfg: Config, dsn: str, index: int, sock: socket.socket | None) -> None:
     from relay.worker import Worker
 
-    # Benchmarks only: TOLLWAY_BENCH_OFF=limits,ledger measures what each component costs
-    # by running the same gateway without it. Never set in production: without the
+    # Benchmarks only: TOLLWAY_BENCH_OFF=limits,ledger,console measures what each component
+    # costs by running the same gateway without it. Never set in production: without the
     # ledger nothing is billed, without limits nothing is enforced.
     off = _bench_off()
     if off:
         log.warning("TOLLWAY_BENCH_OFF=%s: running without %s (benchmarks only)",
                     ",".join(sorted(off)), " and ".join(sorted(off)))
     worker = Worker(cfg, dsn, index, with_limits="limits" not in off,
-                    with_ledger="ledger" not in off)
+                    with_ledger="ledger" not in off, with_console="console" not in off)
     # Handlers first: the listening socket already accepts (the kernel queues
     # connections), so a SIGTERM during start-up must still mean "drain", not death.
     loop = asyncio.get_running_loop()

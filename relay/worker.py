@@ -51,12 +51,14 @@ _BY_STATUS: dict[int, type[E.GatewayError]] = {
 
 class Worker:
     def __init__(self, cfg: Config, dsn: str, index: int = 0, *,
-                 with_limits: bool = True, with_ledger: bool = True) -> None:
+                 with_limits: bool = True, with_ledger: bool = True,
+                 with_console: bool = True) -> None:
         self.cfg = cfg
         self.dsn = dsn
         self.index = index
         self.with_limits = with_limits
         self.with_ledger = with_ledger
+        self.with_console = with_console
         self.gw: Gateway | None = None
         self.state: ServerState | None = None
         self.server: asyncio.base_events.Server | None = None
@@ -112,6 +114,8 @@ class Worker:
         if limiter is not None:
             gw.anthropic_headers = anthropic_headers
         for module in API_MODULES:
+            if module == "relay.console" and not self.with_console:
+                continue
             if importlib.util.find_spec(module) is not None:
                 gw.apis.append(importlib.import_module(module).build(gw, self))
         await self._sync_once()

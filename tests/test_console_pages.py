@@ -9,6 +9,7 @@ import csv
 import io
 import re
 import secrets
+from datetime import datetime
 
 import aiohttp
 import asyncpg
@@ -103,7 +104,8 @@ async def test_a_key_holder_never_reaches_another_users_data(h, browsers, pg_dsn
     assert ">active<" in alice.last
     # Mallory's own pages show none of Alice's rows.
     for path in ("/console/logs", "/console/usage", "/console/health", "/console/wallet",
-                 "/console/plans", "/console/keys", "/console/usage.csv", "/console/logs.csv"):
+                 "/console/plans", "/console/keys", "/console/usage.csv", "/console/logs.csv",
+                 "/console/account/devices"):
         r = await mallory.get(path)
         assert r.status == 200, path
         assert rid not in mallory.last and "alice-key" not in mallory.last, path
@@ -217,6 +219,29 @@ async def test_logs_cursor_pages_and_the_bill(h, browsers, pg_dsn, monkeypatch) 
     r = await b.http.get(h.url + "/console/logs.csv")
     rows = list(csv.DictReader(io.StringIO(await r.text())))
     assert sorted(x["request_id"] for x in rows) == sorted(rids)
+    # Streamed (chunked): every row once, newest first, the dollars exact.
+    r = await b.http.get(h.url + "/console/logs.csv")
+    assert r.headers.get("transfer-encoding") == "chunked"
+    rows = list(csv.DictReader(io.StringIO(await r.text())))
+    assert [x["request_id"] for x in rows] == [x["request_id"] for x in sorted(
+        rows, key=lambda x: (x["ts"], x["request_id"]), reverse=True)]
+    assert sorted(x["request_id"] for x in rows) == sorted(rids)
+    from accounting.money import format_usd
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        logged = {r["request_id"]: r for r in await conn.fetch(
+            "SELECT request_id, ts, cost_nano FROM usage_log WHERE request_id = ANY($1)", rids)}
+    finally:
+        await conn.close()
+    for x in rows:
+        row = logged[x["request_id"]]
+        assert int(x["cost_nano"]) == row["cost_nano"] > 0
+        assert x["cost_usd"] == format_usd(row["cost_nano"])
+        assert datetime.fromisoformat(x["ts"]) == row["ts"]
+    monkeypatch.setattr(usage, "CSV_MAX_ROWS", 2)
+    r = await b.http.get(h.url + "/console/logs.csv")
+    assert len(list(csv.DictReader(io.StringIO(await r.text())))) == 2
 
 
 async def test_wallet_redeem_and_transfer_exactly_once(h, browsers, pg_dsn) -> None:

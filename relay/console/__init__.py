@@ -93,9 +93,9 @@ class Console:
         self.alerts = LowBalanceAlerts(self, a.low_balance_check_s)
         self.router = Router(self)
         self.settings.listeners.append(self._settings_changed)
-        from relay.console import admin, auth, home, keys, public, tickets, usage, wallet
+        from relay.console import admin, auth, devices, home, keys, public, tickets, usage, wallet
 
-        for module in (auth, home, keys, usage, wallet, public, tickets, admin):
+        for module in (auth, home, devices, keys, usage, wallet, public, tickets, admin):
             module.routes(self)
 
     @property

@@ -96,25 +96,14 @@ async def account(c: Any, p: Page, error: str = "", status: int = 200,
         live = await sessions.live(conn, p.user_id)
         left = await accounts.recovery_left(conn, p.user_id)
         user = await conn.fetchrow("SELECT max_ips FROM users WHERE id = $1", p.user_id)
-        addrs = await conn.fetch(
-            "SELECT client_ip, max(ts) AS last FROM usage_log WHERE user_id = $1"
-            " AND ts > now() - interval '1 day' AND client_ip <> '' GROUP BY 1 ORDER BY 2 DESC LIMIT 20",
-            p.user_id)
-    window = c.gw.cfg.limits.user_ip_window_s
-    seen = []
-    limiter = getattr(c.gw, "limiter", None)
-    scope = limiter.users.get(p.user_id) if limiter is not None else None
-    horizon = c.now().timestamp() - window
-    if scope is not None:  # this worker's view of the addresses inside the window
-        seen = [ip for ip, at in getattr(scope, "ips", {}).items() if at >= horizon]
     max_ips = (user["max_ips"] if user else 0) or c.gw.cfg.limits.user_max_ips
+    window_min = max(1, c.gw.cfg.limits.user_ip_window_s // 60)
     if totp is None and not p.account.totp_enabled:
         secret = accounts.new_totp_secret()
         totp = _totp_view(c, p, secret)
     return c.render(p, "account.html", status, error=error, sessions=live, current=p.session.id,
                     devices=c.devices(p.account), recovery_left=left, totp=totp,
-                    recovery=recovery, addrs=[dict(a) for a in addrs], seen=seen,
-                    max_ips=max_ips, window_min=window // 60, zones=_zones(),
+                    recovery=recovery, max_ips=max_ips, window_min=window_min, zones=_zones(),
                     low_balance=p.account.low_balance_nano)
 
 
@@ -205,4 +194,5 @@ async def revoke(c: Any, p: Page) -> Response:
         resp = redirect("/console/login?why=logout")
         resp.cookie(p.cookie_name, "", max_age=0, secure=p.secure)
         return resp
-    return redirect("/console/account?ok=revoked")
+    to = "/console/account/devices" if p.form.get("back") == "/console/account/devices" else "/console/account"
+    return redirect(f"{to}?ok=revoked")

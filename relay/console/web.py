@@ -59,12 +59,18 @@ class Refused(Exception):
         self.lang = ""  # the page's language, once known (the error page speaks it)
 
 
+# A body written piece by piece (large CSV exports): called with a write function that
+# waits while the client's socket is full.
+Stream = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
 @dataclass(slots=True)
 class Response:
     status: int = 200
     body: bytes = b""
     content_type: bytes = b"text/html; charset=utf-8"
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    stream: Stream | None = None  # instead of body: sent chunked as it is produced
 
     def cookie(self, name: str, value: str, *, max_age: int | None = None, secure: bool = False,
                http_only: bool = True) -> None:
@@ -210,6 +216,9 @@ class Router:
             headers.extend(SECURITY_HEADERS)
             if not any(k == b"cache-control" for k, _ in resp.headers):
                 headers.append((b"cache-control", b"no-store"))
+        if resp.stream is not None and req.method != b"HEAD":
+            await _send_stream(conn, resp.status, headers, resp.stream, method, path)
+            return
         body = b"" if req.method == b"HEAD" else resp.body
         conn.send(resp.status, headers, body)
 
@@ -350,6 +359,41 @@ class Router:
             page.cookies.get(PRE_COOKIE, "")
         if not expected or not sent or not secrets.compare_digest(sent, expected):
             raise Refused(403, "This form has expired. Reload the page and try again.")
+
+
+async def _send_stream(conn: HttpConnection, status: int, headers: list[tuple[bytes, bytes]],
+                       stream: Stream, method: str, path: str) -> None:
+    """A chunked body from `stream`, waiting (bounded) whenever the client's socket is
+    full; a client that goes away or stops reading ends it."""
+    import asyncio
+
+    resumed: asyncio.Event = asyncio.Event()
+    conn.on_resume = resumed.set
+
+    async def write(data: bytes) -> None:
+        if conn.closed:
+            raise ConnectionResetError("the client went away")
+        conn.write(data)
+        while conn.write_paused and not conn.closed:
+            resumed.clear()
+            try:
+                await asyncio.wait_for(resumed.wait(), 60)
+            except TimeoutError:
+                raise ConnectionResetError("the client stopped reading")
+
+    conn.start(status, headers, None)
+    try:
+        await stream(write)
+    except ConnectionResetError:
+        conn.abort()
+        return
+    except Exception:
+        log.exception("console page %s %s failed while streaming", method, path)
+        conn.abort()
+        return
+    finally:
+        conn.on_resume = None
+    conn.end()
 
 
 def _cookies(req: Request) -> dict[str, str]:

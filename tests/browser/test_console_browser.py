@@ -206,7 +206,8 @@ def test_a_forged_csrf_token_is_refused(site: Site, context: Any) -> None:
 PAGES = [("home", "/console"), ("keys", "/console/keys"), ("key", "/console/keys/{key}"),
          ("usage", "/console/usage"), ("logs", "/console/logs"), ("bill", "/console/logs/{rid}"),
          ("wallet", "/console/wallet"), ("plans", "/console/plans"), ("health", "/console/health"),
-         ("invite", "/console/invite"), ("account", "/console/account"), ("pricing", "/pricing"),
+         ("invite", "/console/invite"), ("account", "/console/account"),
+         ("devices", "/console/account/devices"), ("pricing", "/pricing"),
          ("status", "/status")]
 PUBLIC = [("login", "/console/login"), ("register", "/console/register")]
 
@@ -277,7 +278,7 @@ def test_every_page_in_both_languages_at_desktop_and_375px_with_axe(site: Site, 
                 assert len(set(ticks)) == 4, ticks
             if name == "usage":
                 assert page.locator("[data-testid=csv]").count() == 1
-            if name == "account":
+            if name in ("account", "devices"):
                 assert page.locator("[data-testid=session]").count() >= 1
             violations = _axe(page)
             assert not violations, (lang, name, violations)
