@@ -402,3 +402,29 @@ async def audit_entries(
     more = len(out) > limit
     out = out[:limit]
     return out, (out[-1]["id"] if more else None)
+
+
+async def top_spenders(conn: asyncpg.Connection, start: datetime, end: datetime, by: str,
+                       limit: int = 10) -> list[dict[str, Any]]:
+    """The `limit` users, keys or models with the most spend in [start, end), from the
+    hourly aggregates without the model dimension where it is not asked for (the
+    operator's overview: a few rows, whatever the traffic)."""
+    if by == "model":
+        sql = ("SELECT model, sum(requests)::bigint AS requests, sum(cost_nano)::bigint AS cost_nano"
+               " FROM usage_hourly_models WHERE hour >= $1 AND hour < $2 GROUP BY model"
+               " ORDER BY 3 DESC, 1 LIMIT $3")
+    elif by == "user":
+        sql = ("SELECT t.user_id, u.name AS user_name, t.requests, t.cost_nano FROM ("
+               " SELECT user_id, sum(requests)::bigint AS requests, sum(cost_nano)::bigint AS cost_nano"
+               " FROM usage_hourly_keys WHERE hour >= $1 AND hour < $2 GROUP BY user_id"
+               " ORDER BY 3 DESC, 1 LIMIT $3) t LEFT JOIN users u ON u.id = t.user_id"
+               " ORDER BY t.cost_nano DESC, t.user_id")
+    elif by == "key":
+        sql = ("SELECT t.key_id, k.name AS key_name, k.key_prefix, t.requests, t.cost_nano FROM ("
+               " SELECT key_id, sum(requests)::bigint AS requests, sum(cost_nano)::bigint AS cost_nano"
+               " FROM usage_hourly_keys WHERE hour >= $1 AND hour < $2 GROUP BY key_id"
+               " ORDER BY 3 DESC, 1 LIMIT $3) t LEFT JOIN keys k ON k.id = t.key_id"
+               " ORDER BY t.cost_nano DESC, t.key_id")
+    else:
+        raise ValueError(f"by: expected user, key or model, got {by!r}")
+    return [dict(r) for r in await fetch_aggregate(conn, sql, start, end, limit)]

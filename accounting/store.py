@@ -639,3 +639,37 @@ async def audit(
         actor, action, target, orjson.dumps(detail or {}, default=str).decode(),
         None if before is None else orjson.dumps(before, default=str).decode(),
     )
+
+
+async def search_keys(conn: Conn, *, user_id: int | None = None, prefix: str | None = None,
+                      group: str | None = None, status: str | None = None,
+                      name: str | None = None, before_id: int | None = None,
+                      limit: int = 100) -> tuple[list[Key], int | None]:
+    """Keys newest first, one keyset page: (keys, before_id of the next page or None).
+    `status` None hides deleted keys; "all" shows every key."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def add(cond: str, value: Any) -> None:
+        args.append(value)
+        where.append(cond.replace("$?", f"${len(args)}"))
+
+    if status is None:
+        where.append("k.status <> 'deleted'")
+    elif status != "all":
+        add("k.status = $?", status)
+    if user_id is not None:
+        add("k.user_id = $?", user_id)
+    if prefix:
+        add("k.key_prefix LIKE $? || '%'", prefix.replace("\\", "").replace("%", "").replace("_", "\\_"))
+    if group:
+        add("k.group_name = $?", group)
+    if name:
+        add("k.name ILIKE '%' || $? || '%'", name.replace("\\", "").replace("%", "").replace("_", "\\_"))
+    if before_id is not None:
+        add("k.id < $?", before_id)
+    args.append(max(1, min(limit, 1000)) + 1)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = await conn.fetch(f"{_KEY_SELECT}{clause} ORDER BY k.id DESC LIMIT ${len(args)}", *args)
+    keys = [_key(r) for r in rows[:limit]]
+    return keys, (keys[-1].id if len(rows) > limit else None)

@@ -171,3 +171,19 @@ async def keys_reset(op: Op) -> Any:
 
 async def keys_delete(op: Op) -> Any:
     return await _key_action(op, "delete")
+
+
+async def keys_search(op: Op) -> Any:
+    """Every key, newest first, filtered by prefix, owner (id or name), group, state and
+    name, one keyset page (`cursor`: the last id seen): the operator's key list."""
+    q = op.query
+    status = q.get("status") or None
+    if status not in (None, "active", "disabled", "deleted", "all"):
+        raise E.InvalidRequest(f"status: expected active, disabled, deleted or all, got {status!r}")
+    async with op.read() as conn:
+        uid = await op._user_id(conn, q)
+        keys, nxt = await store.search_keys(
+            conn, user_id=uid, prefix=q.get("prefix") or None, group=q.get("group") or None,
+            status=status, name=q.get("name") or None, before_id=q_int(q, "cursor"),
+            limit=q_int(q, "limit", 100, lo=1, hi=1000) or 100)
+    return {"data": [key_json(k) for k in keys], "next": None if nxt is None else str(nxt)}

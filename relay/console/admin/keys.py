@@ -28,7 +28,7 @@ async def listing(c: Any, p: Page) -> Response:
          if p.query.get(k)}
     error = ""
     try:
-        found = await run(c, p, ops.keys_list, query={**q, "limit": "100"})
+        found = await run(c, p, ops.keys_search, query={**q, "limit": "100"})
     except Failed as exc:
         found, error = {"data": [], "next": None}, exc.message
     async with c.db.acquire() as conn:

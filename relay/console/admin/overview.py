@@ -37,9 +37,9 @@ async def overview(c: Any, p: Page) -> Response:
     day_start = health.hour_floor(now - timedelta(hours=23))
     async with c.db.acquire() as conn:
         series = await reports.spend_series(conn, start, end, bucket)
-        users = (await health.health(conn, day_start, end, "user"))
-        keys = (await health.health(conn, day_start, end, "key"))
-        models = (await health.health(conn, day_start, end, "model"))
+        users = await reports.top_spenders(conn, day_start, end, "user", TOP)
+        keys = await reports.top_spenders(conn, day_start, end, "key", TOP)
+        models = await reports.top_spenders(conn, day_start, end, "model", TOP)
         last_row = await conn.fetchval(
             "SELECT max(last_at) FROM usage_hourly_keys WHERE hour >= $1",
             health.hour_floor(now - timedelta(hours=2)))
@@ -51,9 +51,6 @@ async def overview(c: Any, p: Page) -> Response:
     errors_at = {int(r["bucket"].timestamp()): int(r["errors"] or 0) for r in series}
     errors_data = {**spend_data, "label": c._(p, "Errors"), "unit": "count",
                    "y": [errors_at.get(x, 0) for x in spend_data["x"]]}
-    by_cost = sorted(users, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
-    keys_by_cost = sorted(keys, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
-    models_by_cost = sorted(models, key=lambda r: -int(r["cost_nano"] or 0))[:TOP]
     status = c.gw.router.status() if getattr(c.gw, "router", None) is not None else {}
     states: dict[str, list[str]] = {}
     for name, snap in sorted(status.items()):
@@ -62,7 +59,7 @@ async def overview(c: Any, p: Page) -> Response:
     ledger = flusher.stats() if flusher is not None else None
     return show(c, p, "overview.html", span=span, series=series, totals=totals,
                 chart=orjson.dumps(spend_data).decode(),
-                users=by_cost, keys=keys_by_cost, models=models_by_cost, states=states,
+                users=users, keys=keys, models=models, states=states,
                 ledger=ledger, last_row=last_row,
                 errors_chart=orjson.dumps(errors_data).decode())
 
