@@ -24,7 +24,7 @@ from typing import Any
 
 from accounting import plans, pricing, store, tokens
 from accounting.db import create_pool
-from accounting.ledger import open_ledger
+from accounting.ledger import Ledger, open_ledger
 from accounting.ledgerd import LedgerLink
 from accounting.money import parse_multiplier
 from limits.admission import Limiter, anthropic_headers
@@ -60,6 +60,8 @@ class Worker:
         self.with_ledger = with_ledger
         self.with_console = with_console
         self.gw: Gateway | None = None
+        self.limiter: Limiter | None = None
+        self.ledger: Ledger | None = None
         self.state: ServerState | None = None
         self.server: asyncio.base_events.Server | None = None
         self.flusher: Any = None
@@ -107,6 +109,10 @@ class Worker:
         metrics = None
         if cfg.metrics.enabled:
             metrics = Metrics(cfg.data_dir / "metrics", cfg.metrics.token)
+        # The worker keeps the concrete limiter and ledger (the gateway sees only their
+        # seams, relay.seams): it feeds them what the flushers and snapshots learn.
+        self.limiter = limiter
+        self.ledger = ledger
         gw = self.gw = Gateway(cfg, limiter=limiter, ledger=ledger, metrics=metrics,
                                pricebook=pricebook)
         gw.db = db
@@ -183,8 +189,8 @@ class Worker:
             self.link.close()
         if self.gw is not None:
             self.gw.pool.close()
-            if self.gw.limiter is not None:
-                await self.gw.limiter.close()
+            if self.limiter is not None:
+                await self.limiter.close()
             if self.gw.metrics is not None and self.gw.metrics.snapshot_dir is not None:
                 (self.gw.metrics.snapshot_dir / f"{os.getpid()}.json").unlink(missing_ok=True)
         if self.db is not None:
@@ -194,8 +200,8 @@ class Worker:
 
     def _on_flushed(self, user_deltas: dict[int, int], key_deltas: dict[int, int]) -> None:
         self._flush_epoch += 1
-        if self.gw is not None and self.gw.limiter is not None:
-            self.gw.limiter.on_flushed(user_deltas, key_deltas)
+        if self.limiter is not None:
+            self.limiter.on_flushed(user_deltas, key_deltas)
 
     def _on_flush_begin(self) -> None:
         self._flush_open = True
@@ -213,16 +219,16 @@ class Worker:
         except (KeyError, TypeError, ValueError, AttributeError):
             log.warning("ledger process sent a malformed commit report: %r", msg)
             return
-        if self.gw is not None and self.gw.limiter is not None and (users or keys or subs):
-            self.gw.limiter.on_flushed(users, keys, at, subs)
-        journal = self.gw.ledger.journal if self.gw is not None else None
+        if self.limiter is not None and (users or keys or subs):
+            self.limiter.on_flushed(users, keys, at, subs)
+        journal = self.ledger.journal if self.ledger is not None else None
         if journal is not None:
             journal.committed_through(segment, offset)
 
     def _on_plans_flushed(self, deltas: dict[int, int]) -> None:
         # Runs just before _on_flushed, which bumps the flush epoch for both.
-        if self.gw is not None and self.gw.limiter is not None:
-            self.gw.limiter.on_plan_flushed(deltas)
+        if self.limiter is not None:
+            self.limiter.on_plan_flushed(deltas)
 
     async def _load_budget(self, user_id: int, key_id: int) -> tuple[int, int]:
         row = await self.db.fetchrow(
@@ -272,7 +278,7 @@ class Worker:
         if prices:
             gw.pricebook.apply(prices)
             self._price_version = max(p.version for p in prices)
-        limiter = gw.limiter
+        limiter = self.limiter
         if limiter is None:
             return
         link = self.link
@@ -360,9 +366,9 @@ class Worker:
                 "counter", "Stream checkpoints that could not be built (a bug: see the log)",
                 "", "sum", {"": gw.checkpoints.failures})
         out.update(channel_state(gw.router))
-        if gw.limiter is not None:
+        if self.limiter is not None:
             out["tollway_limit_denials"] = ("counter", "Admission denials by reason", "reason", "sum",
-                                            dict(gw.limiter.denials))
+                                            dict(self.limiter.denials))
             out["tollway_limit_leases_in_flight"] = ("gauge", "Admission leases not yet released",
-                                                     "", "sum", {"": gw.limiter.inflight})
+                                                     "", "sum", {"": self.limiter.inflight})
         return out

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay import admission
 from relay import errors as E
 from relay.app import ROUTES, Gateway
 from relay.request import parse
@@ -104,7 +105,7 @@ def test_no_upstream_may_produce_more_than_was_reserved(route: str, channel: tup
         mr = parse(raw, r.name, r.streamable)
         plan = list(gw._attempt_plan(model, gw.router.candidates(model, False, r.protocol,
                                                                  route == "responses"), r))
-        sent, bodies, max_out, max_in = gw._bounded_bodies(raw, mr, r, plan)
+        sent, bodies, max_out, max_in = admission.bounded_bodies(gw, raw, mr, r, plan)
     except E.InvalidRequest:
         return  # refused with a 400: nothing is sent, nothing reserved
     for _, ch in plan:
