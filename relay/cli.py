@@ -430,20 +430,16 @@ async def _keys_edit(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
 def _key_action(action: str) -> Callable[[argparse.Namespace], int]:
     @db_command
     async def run(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-        secret = None
-        if action == "disable":
-            await store.set_key_status(conn, args.id, "disabled")
-        elif action == "enable":
-            await store.set_key_status(conn, args.id, "active")
-        elif action == "delete":
-            await store.delete_key(conn, args.id)
-        else:
-            secret = await store.reset_key(conn, args.id)
-        key = await store.get_key(conn, args.id)
-        assert key is not None
-        await store.audit(conn, actor(), f"key.{action}", str(args.id), {"key_prefix": key.key_prefix})
+        # The admin API's and the operator pages' action (relay.ops.keys): same checks,
+        # same audit row.
+        from relay.ops import keys
+
+        fn = {"disable": keys.keys_disable, "enable": keys.keys_enable, "delete": keys.keys_delete,
+              "reset": keys.keys_reset}[action]
+        out = await _run_op(fn, _op(conn, args, {}, {"key": str(args.id)}))
+        secret = out.pop("secret", None)
         if args.json:
-            print_json({**key_json(key), **({"key": secret} if secret else {})})
+            print_json({**out, **({"key": secret} if secret else {})})
         elif secret:
             print(f"key {args.id} has a new secret; the old one no longer works. Shown only now:")
             print(secret)
