@@ -292,7 +292,7 @@ def test_every_page_in_both_languages_at_desktop_and_375px_with_axe(site: Site, 
             page.goto(site.url + path.format(key=key_id, rid=rid))
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 376, (lang, name, width)
-            if shoot and name in ("home", "keys", "usage"):
+            if shoot and name in ("home", "keys", "usage", "account", "devices"):
                 page.screenshot(path=str(SHOTS / f"{lang}-{name}-375.png"), full_page=True)
     finally:
         ctx.close()

@@ -21,24 +21,25 @@
     var row = e.target.closest("tr[data-href]");
     if (row && !e.target.closest("a, button, form")) window.location = row.getAttribute("data-href");
   });
-  // The y ticks of a small spend are close together ($0.0000012, $0.0000024...): a fixed
-  // number of decimals would print them all as "$0.0000". Use the fewest decimals, at
-  // least two, that tell every tick apart.
+  // The y ticks of a small spend are close together ($0.000025, $0.00005...): a fixed
+  // number of decimals would print them all as "$0.0000", or round them to values they
+  // are not. Print each tick exactly: the fewest decimals (at least two, at most nine,
+  // the nano-dollar) that hold every tick.
   var fixed = {};
   function moneyAt(lang, d) {
     var k = lang + d;
-    return fixed[k] || (fixed[k] = new Intl.NumberFormat(lang, { style: "currency", currency: "USD",
-                                                           minimumFractionDigits: d, maximumFractionDigits: d }));
+    return fixed[k] || (fixed[k] = new Intl.NumberFormat(lang, { style: "currency", currency: "USD", currencyDisplay: "narrowSymbol",
+                                                           minimumFractionDigits: 2, maximumFractionDigits: d }));
   }
   function moneyTicks(lang, vals) {
-    var out = [];
-    for (var d = 2; d <= 9; d++) {
-      out = vals.map(function (v) { return v == null ? "" : moneyAt(lang, d).format(v); });
-      var seen = {}, clash = false;
-      out.forEach(function (t) { if (seen[t]) clash = true; seen[t] = true; });
-      if (!clash) break;
+    var d = 2;
+    for (; d < 9; d++) {
+      var exact = vals.every(function (v) {
+        return v == null || Math.abs(v - Number(v.toFixed(d))) <= 1e-12 + Math.abs(v) * 1e-9;
+      });
+      if (exact) break;
     }
-    return out;
+    return vals.map(function (v) { return v == null ? "" : moneyAt(lang, d).format(v); });
   }
   window.TollwayConsole = { moneyTicks: moneyTicks };
   function chart(el) {
@@ -47,7 +48,7 @@
     var hourly = data.bucket === "hour";
     var fmt = new Intl.DateTimeFormat(lang, hourly ? { month: "numeric", day: "numeric", hour: "2-digit", timeZone: tz }
                                                   : { month: "short", day: "numeric", timeZone: tz });
-    var money = new Intl.NumberFormat(lang, { style: "currency", currency: "USD", maximumFractionDigits: 9 });
+    var money = new Intl.NumberFormat(lang, { style: "currency", currency: "USD", currencyDisplay: "narrowSymbol", maximumFractionDigits: 9 });
     var ys = data.y.map(Number);
     // A count (requests, errors) rather than money: whole numbers on the axis.
     var count = data.unit === "count", whole = new Intl.NumberFormat(lang, { maximumFractionDigits: 0 });
