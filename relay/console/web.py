@@ -10,7 +10,10 @@ its language) and returns a `Response`. Before a handler runs, `Router.dispatch`
 - on every unsafe method, checks the Origin (or Referer) against the request's own
   host, then the CSRF token: the session's, or before login a double-submit cookie;
 - refuses pages that need a login, and lets a session waiting for its second factor
-  reach only the 2FA page.
+  reach only the 2FA page;
+- on the operator pages (/admin), refuses a role below the route's (VIEWER, ADMIN,
+  OWNER; any unsafe method needs ADMIN at least) with 403, and sends an owner or admin
+  without 2FA to turn it on before any of them.
 
 It knows nothing about what the pages show; it never runs on a model route.
 """
