@@ -6,6 +6,7 @@ usage_log), so the page costs the same at 10 rows or 10M.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -35,14 +36,23 @@ async def overview(c: Any, p: Page) -> Response:
         bucket = "day"
     end = now + timedelta(hours=1)
     day_start = health.hour_floor(now - timedelta(hours=23))
-    async with c.db.acquire() as conn:
-        series = await reports.spend_series(conn, start, end, bucket)
-        users = await reports.top_spenders(conn, day_start, end, "user", TOP)
-        keys = await reports.top_spenders(conn, day_start, end, "key", TOP)
-        models = await reports.top_spenders(conn, day_start, end, "model", TOP)
-        last_row = await conn.fetchval(
-            "SELECT max(last_at) FROM usage_hourly_keys WHERE hour >= $1",
-            health.hour_floor(now - timedelta(hours=2)))
+
+    async def on_own_connection(fn: Any, *args: Any) -> Any:
+        async with c.db.acquire() as conn:
+            return await fn(conn, *args)
+
+    async def newest(conn: Any) -> Any:
+        return await conn.fetchval("SELECT max(last_at) FROM usage_hourly_keys WHERE hour >= $1",
+                                   health.hour_floor(now - timedelta(hours=2)))
+
+    # Independent aggregates, each on a connection of its own: the page waits for the
+    # slowest, not for their sum.
+    series, users, keys, models, last_row = await asyncio.gather(
+        on_own_connection(reports.spend_series, start, end, bucket),
+        on_own_connection(reports.top_spenders, day_start, end, "user", TOP),
+        on_own_connection(reports.top_spenders, day_start, end, "key", TOP),
+        on_own_connection(reports.top_spenders, day_start, end, "model", TOP),
+        on_own_connection(newest))
     totals = {k: sum(int(r[k] or 0) for r in series) for k in ("requests", "errors", "cost_nano")}
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     last = health.hour_floor(now) if bucket == "hour" else midnight
