@@ -199,11 +199,13 @@ async def users_account(op: Op) -> dict[str, Any]:
         live = await sessions.live(conn, user.id)
         keys = await store.list_keys(conn, user.id)
         subs = await plans.list_subscriptions(conn, user.id)
+        names = {p.id: p.name for p in await plans.list_plans(conn, include_archived=True)}
         tops, _ = await topups.list_topups(conn, user.id, limit=10)
     now = op.now()
     return {**user_json(user), **dict(acct), "sessions": live,
             "keys": [key_json(k) for k in keys],
-            "subscriptions": [subscription_json(s, now) for s in subs],
+            "subscriptions": [{**subscription_json(s, now), "plan": names.get(s.plan_id, "")}
+                              for s in subs],
             "topups": [with_usd(r, "amount_nano") for r in tops]}
 
 
