@@ -682,10 +682,11 @@ class Shared:
                 s.cwait -= cwaiting
                 s.mwait -= waiting
                 if cwaiting or waiting:
+                    # Hold for the waiters this round served (not for those it denied).
                     if now >= s.hold_until:
                         s.chold = s.mhold = 0
-                    s.chold += cwaiting
-                    s.mhold += waiting
+                    s.chold += max(0, cwaiting - max(0, cneed - s.conc_held))
+                    s.mhold += waiting if int(mgrant) >= need else max(0, min(waiting, s.held - s.reserved))
                     s.hold_until = now + self.interval
             # Redis had less than asked: no prefetch for an interval (a waiter still may),
             # so a scope at its limit does not turn every admission into a round trip.
