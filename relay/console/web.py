@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from accounting import accounts, sessions
+from relay.errors import GatewayError
 from relay.httpserver import HttpConnection, Request
 
 log = logging.getLogger("tollway.console")
@@ -257,6 +258,11 @@ class Router:
         except Refused as exc:
             exc.lang = exc.lang or page.lang
             raise
+        except GatewayError as exc:
+            # An operator action's refusal (relay.ops) that its page did not show inline.
+            refused = Refused(exc.status if 400 <= exc.status < 500 else 500, exc.message)
+            refused.lang = page.lang
+            raise refused from exc
         except Exception as exc:
             log.exception("console page %s %s failed", method, path)
             refused = Refused(500, SERVER_ERROR)
