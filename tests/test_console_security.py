@@ -4,6 +4,8 @@ sessions that end with a reason."""
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 import pytest
 
@@ -289,4 +291,26 @@ async def test_throttling_per_address_in_redis(pg_dsn) -> None:
     finally:
         await console.throttle.close()
         await b.close()
+        await h.stop()
+
+
+async def test_the_throttle_counts_under_the_deployments_redis_prefix(pg_dsn: str) -> None:
+    """Two deployments sharing a Redis never count each other's login attempts."""
+    import redis.asyncio as aioredis
+
+    url = "redis://127.0.0.1:6379/0"
+    probe = aioredis.from_url(url, socket_connect_timeout=1)
+    try:
+        await probe.ping()
+    except Exception:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    finally:
+        await probe.aclose()
+    h = await cc.Harness().start(pg_dsn, accounts=cc.FAST_ARGON2, limits={"redis_url": url})
+    try:
+        c = cc.console_of(h)
+        shared = h.worker.gw.limiter.shared  # type: ignore[union-attr]
+        assert re.fullmatch(r"tollway:[0-9a-f]{32}:", c.throttle.prefix)
+        assert c.throttle.prefix == shared.prefix
+    finally:
         await h.stop()

@@ -87,8 +87,12 @@ class Console:
         self.passwords = accounts.Passwords(time_cost=a.argon2_time_cost,
                                             memory_kib=a.argon2_memory_kib,
                                             threads=a.argon2_threads)
+        # Under the deployment's Redis prefix (limits.namespace), read by the limiter at
+        # start: two deployments sharing a Redis never count each other's attempts.
+        shared = getattr(getattr(gw, "limiter", None), "shared", None)
         self.throttle = Throttle(a.attempts_per_ip, a.attempts_per_account, a.attempts_window_s,
-                                 gw.cfg.limits.redis_url)
+                                 gw.cfg.limits.redis_url,
+                                 prefix=getattr(shared, "prefix", None) or "tollway:")
         self.mailer = Mailer(a)
         self.alerts = LowBalanceAlerts(self, a.low_balance_check_s)
         self.router = Router(self)
