@@ -197,6 +197,8 @@ async def test_the_first_owner_comes_from_the_set_up_link(h, capsys) -> None:
             token = re.search(r"/console/setup-owner\?token=(\S+)", out).group(1)
             b = Browser(h)
             try:
+                await b.get("/console/login")
+                assert "no owner yet" in b.last
                 r = await b.get("/console/setup-owner?token=wrong")
                 assert r.status == 400
                 await b.get(f"/console/setup-owner?token={token}")

@@ -80,6 +80,7 @@ class Console:
 
         self.settings = Live(gw.cfg)
         self._terms: growth.Terms | None = None
+        self.has_owner = False  # once true, the login page stops asking (no query)
         gw.settings = self.settings  # the admin API's actions read the same live settings
         self.static = Static()
         self.langs = Languages(self.static)

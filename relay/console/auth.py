@@ -168,6 +168,12 @@ async def login_form(c: Any, p: Page, error: str = "", status: int = 200) -> Res
     if p.session is not None and not p.session.mfa_pending:
         return redirect(_safe_next(p.query.get("next", "/console")))
     notice = c.why(p, p.query.get("why", "") or p.ended)
+    if not notice and not c.has_owner:
+        async with c.db.acquire() as conn:
+            c.has_owner = await accounts.owner_exists(conn)
+        if not c.has_owner:
+            notice = c._(p, "This site has no owner yet: open the one-time set-up link the"
+                            " gateway printed when it started.")
     return c.render(p, "login.html", status, error=error, notice=notice,
                     email=p.form.get("email", ""), next=_safe_next(p.query.get("next", "/console")),
                     signup=c.cfg.signup)
