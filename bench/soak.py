@@ -181,8 +181,11 @@ class Load:
                 body = json.dumps({"model": "no-such-model-x", "messages": msgs}).encode()
                 expect_status = 404
             elif variant == 2:
+                # A bound as a string: refused, never read as a default (a body that
+                # names no bound at all is sent with the model's, so it answers 200).
                 path, anthropic = "/v1/messages", True
-                body = json.dumps({"model": ANTHROPIC_MODEL, "messages": msgs}).encode()  # no max_tokens
+                body = json.dumps({"model": ANTHROPIC_MODEL, "messages": msgs,
+                                   "max_tokens": "64"}).encode()
                 expect_status = 400
             else:
                 body = b'["not", "an", "object"]'
