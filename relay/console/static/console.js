@@ -70,6 +70,7 @@
       legend: { show: false },
       scales: { y: { range: function (u, min, max) {
         // From zero up: spend is never negative, and a flat zero series still gets an axis.
+        if (count) return [0, Math.max(5, Math.ceil((max || 0) * 1.1))];  // whole steps, at least 5
         return [0, max > 0 ? uPlot.rangeNum(0, max, 0.1, true)[1] : 1];
       } }, x: { time: true, range: function (u, min, max) {
         var lo = min == null ? data.from : (data.from == null ? min : Math.min(data.from, min));
@@ -78,6 +79,10 @@
         return [lo, hi];
       } } }
     };
+    if (count) {
+      opts.axes[1].incrs = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5,
+                            2e5, 5e5, 1e6, 1e7, 1e8, 1e9];
+    }
     if (!data.x.length) { data.x = [Math.floor(Date.now() / 1000)]; ys = [0]; }
     new uPlot(opts, [data.x, ys], el);
   }
