@@ -269,8 +269,12 @@ async def set_prefs(conn: Conn, user_id: int, *, lang: str | None = None, tz: st
     if low_balance_nano is not None:
         if low_balance_nano < 0:
             raise AccountError("The alert threshold must not be negative")
-        await conn.execute("UPDATE users SET low_balance_nano = $2, low_balance_sent_at = NULL"
-                           " WHERE id = $1", user_id, low_balance_nano)
+        # A new threshold re-arms the alert (accounting.alerts); saving the same one (the
+        # Account form sends it with the language and zone) must not tell a crossing twice.
+        await conn.execute(
+            "UPDATE users SET low_balance_sent_at = CASE WHEN low_balance_nano = $2"
+            " THEN low_balance_sent_at END, low_balance_nano = $2 WHERE id = $1",
+            user_id, low_balance_nano)
 
 
 # --- two-factor authentication -----------------------------------------------------------

@@ -67,6 +67,11 @@ async def test_one_alert_per_crossing_and_again_after_a_top_up(h) -> None:
         assert "low" in mails[0][1] and "$1.25" in mails[0][2] and "$2.00" in mails[0][2]
         for _ in range(3):  # still below: told once
             await c.alerts.run_once()
+        # Saving the form again (another language, the same threshold) tells it no twice.
+        r = await b.post("/console/account/prefs", {"lang": "en", "tz": "Asia/Shanghai",
+                                                    "low_balance": "2"})
+        assert r.status == 200
+        await c.alerts.run_once()
         await _balance(h, uid, "0.5")
         await c.alerts.run_once()
         assert len(_mails(h, email)) == 1

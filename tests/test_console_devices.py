@@ -4,9 +4,12 @@ over the last requests; never another user's."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import aiohttp
+import asyncpg
 
 from tests import console_client as cc
 from tests.console_client import Browser
@@ -85,4 +88,41 @@ async def test_sessions_and_addresses_against_their_limits(pg_dsn: str) -> None:
     finally:
         for b in (a, a2, other):
             await b.close()
+        await h.stop()
+
+
+async def test_without_logged_addresses_the_devices_page_shows_the_limiters_view(pg_dsn: str) -> None:
+    h = await cc.Harness().start(pg_dsn, accounts={**cc.FAST_ARGON2, "verify_email": False,
+                                                   "low_balance_check_s": 0},
+                                 limits={"user_max_ips": 3})
+    b = Browser(h)
+    try:
+        email = cc.new_email()
+        await b.register(email)
+        conn = await asyncpg.connect(h.dsn)
+        try:
+            await conn.execute("UPDATE users SET balance_nano = 10000000000 WHERE email = $1", email)
+        finally:
+            await conn.close()
+        await b.get("/console/keys")
+        await b.post("/console/keys", {"name": "k", "cap": ""})
+        secret = re.search(r'data-testid="key-secret">([^<]+)<', b.last).group(1)
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 10
+            while True:  # the funds reach the gateway's cache on its next poll
+                r = await s.post(h.url + "/v1/chat/completions",
+                                 headers={"Authorization": f"Bearer {secret}"},
+                                 json={"model": "gpt-4o-mini",
+                                       "messages": [{"role": "user", "content": "hi"}]})
+                await r.read()
+                if r.status == 200 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        assert r.status == 200
+        await b.get("/console/account/devices")
+        assert "1 of at most 3 distinct addresses" in b.last
+        assert re.search(r'data-testid="address-window"><td><code>127\.0\.0\.1</code>', b.last)
+        assert "does not record the address" in b.last and "address-recent" not in b.last
+    finally:
+        await b.close()
         await h.stop()
