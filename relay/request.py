@@ -43,7 +43,7 @@ BOUND_FIELDS = {
     "messages": ("max_tokens",),
 }
 # Fields multiplying the bound (choices), per upstream route.
-_CHOICE_FIELDS = {
+CHOICE_FIELDS = {
     "chat": ("n",),
     "completions": ("n", "best_of"),
 }
@@ -197,9 +197,14 @@ def bound_of(route: str, body: dict[str, Any]) -> int:
         return 0
     bound = 0
     for name in fields:
-        v = _int(body, name)
-        if v > bound:
-            bound = v
+        v = body.get(name)
+        if v is not None:
+            if type(v) is not int or v < 1:
+                # A translated body is ours; a native one was checked by parse(). Anything
+                # else here is a body we cannot bound: refuse rather than guess.
+                raise E.InvalidRequest(f"{name} must be a positive integer")
+            if v > bound:
+                bound = v
     if route == "messages" and bound:  # without max_tokens the budget bounds nothing
         th = body.get("thinking")
         if type(th) is dict:
@@ -211,10 +216,13 @@ def bound_of(route: str, body: dict[str, Any]) -> int:
 
 def choices_of(route: str, body: dict[str, Any]) -> int:
     n = 1
-    for name in _CHOICE_FIELDS.get(route, ()):
-        v = _int(body, name)
-        if v > n:
-            n = v
+    for name in CHOICE_FIELDS.get(route, ()):
+        v = body.get(name)
+        if v is not None:
+            if type(v) is not int or v < 1:
+                raise E.InvalidRequest(f"{name} must be a positive integer")
+            if v > n:
+                n = v
     return n
 
 
