@@ -65,6 +65,7 @@ def config(path: Path, port: int, dsn: str, data: Path) -> None:
 host = "127.0.0.1"
 port = {port}
 workers = 1
+log_client_ip = true   # so the Devices page reads the log (the data set's rows hold no address)
 
 [database]
 dsn = "{dsn}"

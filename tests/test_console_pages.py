@@ -212,6 +212,9 @@ async def test_logs_cursor_pages_and_the_bill(h, browsers, pg_dsn, monkeypatch) 
     await b.get(nxt)
     second = re.findall(r'data-testid="log-row" data-request-id="([^"]+)"', b.last)
     assert sorted(first + second) == sorted(rids)
+    await b.get("/console/logs?errors=1")  # every request answered: no error rows
+    assert 'name="errors" type="checkbox" value="1" checked' in b.last
+    assert 'data-testid="log-row"' not in b.last
     r = await b.get(f"/console/logs/{rids[0]}")
     assert r.status == 200 and 'data-testid="bill"' in b.last and "matches the charge" in b.last
     r = await b.get(f"/console/logs?request_id={rids[1]}")

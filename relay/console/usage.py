@@ -161,7 +161,7 @@ async def logs(c: Any, p: Page) -> Response:
     if p.htmx and p.query.get("cursor"):
         return c.render(p, "_log_rows.html", rows=rows, names=names, more=more)
     return c.render(p, "logs.html", f=f, rows=rows, names=names, more=more,
-                    csv_url="/console/logs.csv?" + _query(p))
+                    csv_url="/console/logs.csv?" + _query(p), errors=p.query.get("errors") == "1")
 
 
 # The request log's CSV: the columns, and the SQL that gives each from a page of
