@@ -370,18 +370,23 @@ def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 @db_command
 async def _keys_create(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    fields = _key_fields(args)
-    key_id, secret = await store.create_key(conn, args.user, **fields)
-    key = await store.get_key(conn, key_id)
-    assert key is not None
-    await store.audit(conn, actor(), "key.create", str(key_id),
-                      {"user": key.user_name, "key_prefix": key.key_prefix, **fields})
+    from relay.ops import keys
+
+    made = await _run_op(keys.keys_create, _op(conn, args, {"user": args.user,
+                                                             **_key_body(_key_fields(args))}))
+    out = dict(made.body)
+    secret = out.pop("secret")
     if args.json:
-        print_json({**key_json(key), "key": secret})
+        print_json({**out, "key": secret})
     else:
-        print(f"created key {key_id} for {key.user_name}; the secret is shown only now:")
+        print(f"created key {out['id']} for {out['user']}; the secret is shown only now:")
         print(secret)
     return EXIT_OK
+
+
+def _key_body(fields: dict[str, Any]) -> dict[str, Any]:
+    """The command's parsed options as the admin API's JSON fields (relay.ops.keys)."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in fields.items()}
 
 
 @db_command
@@ -415,15 +420,16 @@ async def _keys_show(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
 
 @db_command
 async def _keys_edit(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    from relay.ops import keys
+
     fields = _key_fields(args)
     if not fields:
         raise CliError("keys edit: nothing to change (see tollway keys edit --help)")
-    key = await store.edit_key(conn, args.id, **fields)
-    await store.audit(conn, actor(), "key.edit", str(args.id), fields)
+    out = await _run_op(keys.keys_edit, _op(conn, args, _key_body(fields), {"key": str(args.id)}))
     if args.json:
-        print_json(key_json(key))
+        print_json(out)
     else:
-        print(f"key {key.id} updated")
+        print(f"key {out['id']} updated")
     return EXIT_OK
 
 
