@@ -77,7 +77,7 @@ async def reply(c: Any, p: Page) -> Response:
             staff = await tickets.last_staff_author(conn, t.id)
     except StoreError as exc:
         return await thread(c, p, c._(p, str(exc)), 400)
-    if staff:
+    if staff and c.cfg.smtp_host:  # without SMTP, no copy of the thread in the log
         await c.mailer.send(staff, f"{c.cfg.site_name}: #{t.id} {t.subject}",
                             f"The user answered ticket #{t.id}:\n\n{p.form.get('body', '').strip()}\n\n"
                             f"{c.base_url(p)}/admin/tickets/{t.id}")

@@ -52,7 +52,7 @@ async def reply(c: Any, p: Page) -> Response:
     except Failed as exc:
         return await thread(c, p, exc.message, exc.status)
     t = got["ticket"]
-    if got["notify"]:
+    if got["notify"] and c.cfg.smtp_host:  # without SMTP, no copy of the thread in the log
         await c.mailer.send(got["notify"], f"{c.cfg.site_name}: {t.subject}",
                             f"Support answered your ticket #{t.id}:\n\n{p.form.get('body', '').strip()}\n\n"
                             f"{c.base_url(p)}/console/tickets/{t.id}")
