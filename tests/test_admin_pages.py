@@ -109,6 +109,9 @@ async def test_keys_edit_limits_and_disable(h, owner) -> None:
     k = (await _q(h, "SELECT name, rpm, concurrency, cap_nano, allowed_cidrs FROM keys WHERE id = $1",
                   key_id))[0]
     assert (k["name"], k["rpm"], k["concurrency"], k["cap_nano"]) == ("renamed", 60, 2, 3_000_000_000)
+    logged = (await _q(h, "SELECT before->>'rpm' AS rpm, detail->>'rpm' AS now FROM audit_log"
+                          " WHERE action = 'key.edit' AND target = $1", str(key_id)))[0]
+    assert (logged["rpm"], logged["now"]) == ("0", "60")
     r = await owner.post(f"/admin/keys/{key_id}/disable")
     assert (await _q(h, "SELECT status FROM keys WHERE id = $1", key_id))[0]["status"] == "disabled"
 

@@ -82,5 +82,6 @@ async def groups_edit(op: Op) -> Any:
             raise E.NotFound(f"group {name!r} not found")
         g = await store.upsert_group(conn, name, fields.get("multiplier", cur["multiplier"]),
                                      fields.get("models", list(cur["models"])))
-        await store.audit(conn, op.actor, "group.edit", name, fields)
+        await store.audit(conn, op.actor, "group.edit", name, fields,
+                          before={"multiplier": cur["multiplier"], "models": list(cur["models"])})
     return group_json(g)

@@ -129,10 +129,17 @@ async def keys_edit(op: Op) -> Any:
         fields["plan_id"] = int_(body, "plan_id", hi=2**63 - 1)
     key_id = id_(op.params["key"], "key")
     async with op.tx() as conn:
+        old = await store.get_key(conn, key_id)
         key = await store.edit_key(conn, key_id, **fields)
         await store.audit(conn, op.actor, "key.edit", str(key_id),
-                          {"key_prefix": key.key_prefix, **audit_fields(fields)})
+                          {"key_prefix": key.key_prefix, **audit_fields(fields)},
+                          before=None if old is None else _before(key_json(old), fields))
     return key_json(key)
+
+
+def _before(shown: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The record's values of the fields a change sets (its JSON names: cap_nano...)."""
+    return audit_fields({k: shown.get(k) for k in fields})
 
 
 async def _key_action(op: Op, action: str) -> Any:

@@ -85,9 +85,12 @@ async def plans_show(op: Op) -> Any:
 async def plans_edit(op: Op) -> Any:
     f = _plan_fields(op, op.body())
     async with op.tx() as conn:
-        p = await _plan(op, conn, op.params["plan"])
-        p = await plans.edit_plan(conn, p.id, **f)
-        await store.audit(conn, op.actor, "plan.edit", str(p.id), audit_fields(f))
+        old = await _plan(op, conn, op.params["plan"])
+        p = await plans.edit_plan(conn, old.id, **f)
+        shown = plan_json(old)
+        before = {k: shown.get(k, getattr(old, k, None)) for k in f}
+        await store.audit(conn, op.actor, "plan.edit", str(p.id), audit_fields(f),
+                          before=audit_fields(before))
     return plan_json(p)
 
 
