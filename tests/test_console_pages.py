@@ -5,10 +5,12 @@ transfer exactly once), plans, invite, pricing, status, in both languages."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
 import secrets
+import time
 from datetime import datetime
 
 import aiohttp
@@ -59,20 +61,32 @@ async def _chat(h, secret: str, model: str = "gpt-4o-mini") -> str:
         return r.headers["x-request-id"]
 
 
-async def _fund(pg_dsn: str, email: str, usd: int = 10) -> None:
+async def _fund(pg_dsn: str, email: str, usd: int = 10, *, h) -> None:
+    """Credit the balance in Postgres, then wait (bounded) until the gateway's limiter has
+    read it: its cache follows Postgres on the worker's next sync (0.5 s), and a request
+    sent before that is refused (402) and logged, which the tests would count."""
     conn = await asyncpg.connect(pg_dsn)
     try:
-        await conn.execute("UPDATE users SET balance_nano = balance_nano + $2 WHERE email = $1",
-                           email, usd * 1_000_000_000)
+        uid, balance = await conn.fetchrow(
+            "UPDATE users SET balance_nano = balance_nano + $2 WHERE email = $1"
+            " RETURNING id, balance_nano", email, usd * 1_000_000_000)
     finally:
         await conn.close()
+    limiter = h.worker.gw.limiter
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        scope = limiter.users.get(uid)
+        if scope is not None and scope.db >= balance:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the gateway never saw the new balance")
 
 
 async def test_a_key_holder_never_reaches_another_users_data(h, browsers, pg_dsn) -> None:
     alice, mallory = browsers(), browsers()
     a_email = cc.new_email()
     await alice.register(a_email)
-    await _fund(pg_dsn, a_email)
+    await _fund(pg_dsn, a_email, h=h)
     key_id, secret = await _key(alice, "alice-key")
     rid = await _chat(h, secret)
     await h.flush()
@@ -117,7 +131,7 @@ async def test_keys_create_edit_disable_enable_reset_delete(h, browsers, pg_dsn)
     b = browsers()
     email = cc.new_email()
     await b.register(email)
-    await _fund(pg_dsn, email)
+    await _fund(pg_dsn, email, h=h)
     key_id, secret = await _key(b, "laptop", cap="2.5")
     assert secret.startswith("sk-")
     for name in ("claude", "codex", "curl", "openai"):
@@ -164,7 +178,7 @@ async def test_usage_csv_equals_the_ledger_to_the_nano_dollar(h, browsers, pg_ds
     b = browsers()
     email = cc.new_email()
     await b.register(email)
-    await _fund(pg_dsn, email)
+    await _fund(pg_dsn, email, h=h)
     _, s1 = await _key(b, "one")
     _, s2 = await _key(b, "two")
     for s, m in ((s1, "gpt-4o-mini"), (s1, "claude-sonnet-4-6"), (s2, "gpt-4o-mini"), (s2, "gpt-4o-mini")):
@@ -198,7 +212,7 @@ async def test_logs_cursor_pages_and_the_bill(h, browsers, pg_dsn, monkeypatch) 
     b = browsers()
     email = cc.new_email()
     await b.register(email)
-    await _fund(pg_dsn, email)
+    await _fund(pg_dsn, email, h=h)
     _, secret = await _key(b, "logger")
     rids = [await _chat(h, secret) for _ in range(3)]
     await h.flush()
@@ -287,7 +301,7 @@ async def test_plans_buy_renew_and_team_keys(h, browsers, pg_dsn) -> None:
     b = browsers()
     email = cc.new_email()
     await b.register(email)
-    await _fund(pg_dsn, email)
+    await _fund(pg_dsn, email, h=h)
     conn = await asyncpg.connect(pg_dsn)
     try:
         plan = await plans.create_plan(conn, f"Pro-{secrets.token_hex(2)}", 5_000_000_000,
@@ -336,7 +350,7 @@ async def test_every_page_renders_in_both_languages(h, browsers, pg_dsn) -> None
     b = browsers()
     email = cc.new_email()
     await b.register(email)
-    await _fund(pg_dsn, email)
+    await _fund(pg_dsn, email, h=h)
     key_id, secret = await _key(b, "k")
     rid = await _chat(h, secret)
     await h.flush()
