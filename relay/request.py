@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from accounting import tokens
 from relay import errors as E
 
 # Largest bound accepted: beyond any model's limit, and it keeps money arithmetic small.
@@ -259,8 +260,6 @@ _OPENAI_TOKENIZED = ("gpt-", "o1", "o3", "o4", "chatgpt-", "text-", "davinci", "
 
 def media_tokens(raw: bytes, body: dict[str, Any]) -> int:
     """Tokens that media parts (images, audio, files) may cost beyond their bytes."""
-    from accounting import tokens
-
     for hint in _MEDIA_HINTS:
         if hint in raw:
             break
@@ -270,14 +269,12 @@ def media_tokens(raw: bytes, body: dict[str, Any]) -> int:
 
 
 def _media_parts(value: Any, depth: int) -> int:
-    from accounting.tokens import MEDIA_TYPES
-
     if depth > 64:
         return 0
     n = 0
     if type(value) is dict:
         kind = value.get("type")
-        if type(kind) is str and kind in MEDIA_TYPES:
+        if type(kind) is str and kind in tokens.MEDIA_TYPES:
             n += 1
         for v in value.values():
             if type(v) is dict or type(v) is list:
@@ -297,8 +294,6 @@ def tight_input_tokens(protocol: str, body: dict[str, Any], raw: bytes, model: s
     OpenAI's may count up to a half more tokens for the same text, so its count is
     raised by that much. Runs only when the fast bound would refuse a request.
     """
-    from accounting import tokens
-
     strict(raw)  # the count reads nested values: they must be what the upstream reads
     n = tokens.estimate_input_tokens(protocol, body)
     rest = {k: v for k, v in body.items() if k not in _COUNTED}

@@ -142,8 +142,7 @@ def checkpoint_fn(gw: Gateway, call: ModelCall, answering: str, ex: Exchange,
                       cache_write=reported.cache_write, reasoning=reported.reasoning)
         else:
             if seen[1] < 0:
-                from accounting import tokens
-                seen[1] = tokens.estimate_input_tokens(route.protocol_name, body or {})
+                seen[1] = settlement.input_estimate(route.protocol_name, body)
             u = Usage(input=seen[1], output=out)
         # An estimate never bills past what admission reserved (accounting.settlement).
         reserved = abs(lease.reserve) if lease is not None else None
