@@ -13,13 +13,25 @@ rounds except once, in `cost` (half up) or `estimate_max_cost` (up).
 Cache prices: when config gives no `cache_read` or `cache_write`, each defaults to
 the input price, so an unknown cache discount is never a free lunch and cached
 tokens are never billed above uncached ones by a missing setting.
+
+Long-context tier (optional, part of the version): as Anthropic (1M-context beta) and
+Google (Gemini 2.5 Pro) publish it, a request whose input, counted over every input
+class (input + cache read + cache write tokens), exceeds `long_context_threshold` is
+billed ENTIRELY at the `long_context_*` prices, output included; exactly at the
+threshold is the base price. Missing long-context cache prices default to the
+long-context input price (the rule above). Each long-context price is at least its
+base price, as providers publish them: a reservation made at the tier then covers a
+request that ends up billed at the base. The tier is built once per version (`PriceRow.
+long_context`, a PriceRow of its own), so a price without one costs `cost` a single
+`is None` check; `cost`, `cost_nano`, `estimate_max_cost` and `explain` all decide with
+the same rule (`tier_for`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any, Protocol
@@ -37,6 +49,11 @@ from accounting.records import Usage
 
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
 DEFAULT_MODEL = "default"
+# The largest long-context threshold accepted (input tokens): no model reads 100M tokens;
+# a larger figure is a typo, not a tier.
+MAX_LONG_CONTEXT_THRESHOLD = 100_000_000
+LONG_CONTEXT_CLASSES = ("long_context_input", "long_context_output", "long_context_cache_read",
+                        "long_context_cache_write")
 _ONE = Fraction(1)
 
 
@@ -66,6 +83,16 @@ class Price(Protocol):
     def cache_read(self) -> str: ...
     @property
     def cache_write(self) -> str: ...
+    @property
+    def long_context_threshold(self) -> int: ...
+    @property
+    def long_context_input(self) -> str: ...
+    @property
+    def long_context_output(self) -> str: ...
+    @property
+    def long_context_cache_read(self) -> str: ...
+    @property
+    def long_context_cache_write(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +106,51 @@ class PriceRow:
     cache_read: int
     cache_write: int
     effective_at: float = 0.0  # epoch seconds this version takes effect; 0: when written
+    # The long-context tier (module docstring): input tokens above which the whole
+    # request is billed at the long_context_* prices; 0: no tier (and no such prices).
+    long_context_threshold: int = 0
+    long_context_input: int = 0
+    long_context_output: int = 0
+    long_context_cache_read: int = 0
+    long_context_cache_write: int = 0
+    # The tier as a row of its own (threshold 0), built once here: None without a tier.
+    long_context: PriceRow | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("version", "input", "output", "cache_read", "cache_write"):
+        for name in ("version", "input", "output", "cache_read", "cache_write", *LONG_CONTEXT_CLASSES):
             v = check_nano(getattr(self, name), f"price {self.model}.{name}")
             if v < 0:
                 raise ValueError(f"price {self.model}.{name}: must be >= 0, got {v}")
+        t = self.long_context_threshold
+        if type(t) is not int:
+            raise TypeError(f"prices.{self.model}.long_context_threshold: expected an int, got {t!r}")
+        if not 0 <= t <= MAX_LONG_CONTEXT_THRESHOLD:
+            raise ValueError(f"prices.{self.model}.long_context_threshold: expected 0 (no tier) to"
+                             f" {MAX_LONG_CONTEXT_THRESHOLD} input tokens, got {t}")
+        tier = tuple(getattr(self, n) for n in LONG_CONTEXT_CLASSES)
+        if not t:
+            if any(tier):
+                raise ValueError(f"prices.{self.model}.long_context_threshold: required with"
+                                 " long-context prices (the input tokens above which they apply)")
+            return
+        for name, v in zip(LONG_CONTEXT_CLASSES, tier, strict=True):
+            base = getattr(self, name.removeprefix("long_context_"))
+            if v < base:
+                raise ValueError(
+                    f"prices.{self.model}.{name}: must be at least the base"
+                    f" {name.removeprefix('long_context_')} price ({format_usd(base)} USD per 1M"
+                    f" tokens), got {format_usd(v)}: a long-context tier is never cheaper")
+        object.__setattr__(self, "long_context", PriceRow(
+            self.version, self.model, self.long_context_input, self.long_context_output,
+            self.long_context_cache_read, self.long_context_cache_write, self.effective_at))
 
     def same_price(self, other: PriceRow) -> bool:
-        return (self.input, self.output, self.cache_read, self.cache_write) == (
+        return (self.input, self.output, self.cache_read, self.cache_write,
+                self.long_context_threshold, self.long_context_input, self.long_context_output,
+                self.long_context_cache_read, self.long_context_cache_write) == (
             other.input, other.output, other.cache_read, other.cache_write,
+            other.long_context_threshold, other.long_context_input, other.long_context_output,
+            other.long_context_cache_read, other.long_context_cache_write,
         )
 
 
@@ -102,7 +164,8 @@ class PriceVersion:
 
 
 def row_from_price(model: str, price: Price, version: int = 0) -> PriceRow:
-    """Exact PriceRow from config strings; empty cache prices default to the input price."""
+    """Exact PriceRow from config strings; empty cache prices default to the input price
+    (the long-context ones to the long-context input price)."""
     if not isinstance(model, str) or not model:
         raise ValueError(f"price model: expected a non-empty name, got {model!r}")
     path = f"prices.{model}"
@@ -110,7 +173,24 @@ def row_from_price(model: str, price: Price, version: int = 0) -> PriceRow:
     out = parse_usd(price.output, what=f"{path}.output")
     cr = parse_usd(price.cache_read, what=f"{path}.cache_read") if price.cache_read != "" else inp
     cw = parse_usd(price.cache_write, what=f"{path}.cache_write") if price.cache_write != "" else inp
-    return PriceRow(version, model, inp, out, cr, cw)
+    threshold = price.long_context_threshold
+    if type(threshold) is not int:
+        raise ValueError(f"{path}.long_context_threshold: expected an integer number of input"
+                         f" tokens, got {threshold!r}")
+    texts = [getattr(price, n) for n in LONG_CONTEXT_CLASSES]
+    if not threshold:
+        if any(texts):
+            raise ValueError(f"{path}.long_context_threshold: required with long_context_* prices"
+                             " (the input tokens above which they apply)")
+        return PriceRow(version, model, inp, out, cr, cw)
+    if not texts[0] or not texts[1]:
+        raise ValueError(f"{path}.long_context_input and {path}.long_context_output: required"
+                         " with long_context_threshold")
+    li = parse_usd(texts[0], what=f"{path}.long_context_input")
+    lo = parse_usd(texts[1], what=f"{path}.long_context_output")
+    lcr = parse_usd(texts[2], what=f"{path}.long_context_cache_read") if texts[2] else li
+    lcw = parse_usd(texts[3], what=f"{path}.long_context_cache_write") if texts[3] else li
+    return PriceRow(version, model, inp, out, cr, cw, 0.0, threshold, li, lo, lcr, lcw)
 
 
 # --- the in-memory book (hot path) -------------------------------------------------
@@ -192,6 +272,16 @@ class PriceBook:
 # --- cost ---------------------------------------------------------------------------
 
 
+def tier_for(price: PriceRow, input_tokens: int) -> PriceRow:
+    """The row a request with `input_tokens` of input (every input class) is billed at:
+    the long-context tier above its threshold, else `price`. `cost`, `cost_nano` and
+    `estimate_max_cost` inline this rule (a call per request costs more than the check)."""
+    tier = price.long_context
+    if tier is not None and input_tokens > price.long_context_threshold:
+        return tier
+    return price
+
+
 def cost(usage: Usage, price: PriceRow, multiplier: Fraction) -> tuple[int, Fraction]:
     """(cost in nano-USD rounded once half up, the exact cost as a Fraction of nano-USD).
 
@@ -202,6 +292,9 @@ def cost(usage: Usage, price: PriceRow, multiplier: Fraction) -> tuple[int, Frac
     """
     if type(multiplier) is not Fraction:
         raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    tier = price.long_context  # tier_for, inlined: one check for a price without a tier
+    if tier is not None and usage.input + usage.cache_read + usage.cache_write > price.long_context_threshold:
+        price = tier
     weighted = (
         usage.input * price.input
         + usage.output * price.output
@@ -236,6 +329,9 @@ def cost_nano(usage: Usage, price: PriceRow, multiplier: Fraction) -> int:
     """
     if type(multiplier) is not Fraction:
         raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    tier = price.long_context  # tier_for, inlined: one check for a price without a tier
+    if tier is not None and usage.input + usage.cache_read + usage.cache_write > price.long_context_threshold:
+        price = tier
     weighted = (
         usage.input * price.input
         + usage.output * price.output
@@ -255,12 +351,17 @@ def estimate_max_cost(input_tokens: int, max_output: int, price: PriceRow, multi
     """A reservation: the most `input_tokens` in and `max_output` out can cost, rounded up.
 
     Input is priced at the dearest input class (uncached, cache read or cache write), so
-    the estimate is an upper bound whatever the upstream's cache does.
+    the estimate is an upper bound whatever the upstream's cache does. `input_tokens` is
+    an upper bound too: above the long-context threshold the whole estimate is at the
+    tier, which no request that bound covers can cost more than (tier >= base).
     """
     if type(multiplier) is not Fraction:
         raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
     if type(input_tokens) is not int or type(max_output) is not int:
         raise TypeError("token counts must be ints")
+    tier = price.long_context  # tier_for, inlined
+    if tier is not None and input_tokens > price.long_context_threshold:
+        price = tier
     in_price = max(price.input, price.cache_read, price.cache_write)
     weighted = input_tokens * in_price + max_output * price.output
     num = weighted * multiplier.numerator
@@ -274,13 +375,18 @@ def _exact_usd(nano: Fraction) -> str:
 
 
 def explain(usage: Usage, price: PriceRow, multiplier: Fraction) -> dict[str, Any]:
-    """The bill for one request, class by class, exact; JSON-ready (ints and strings)."""
+    """The bill for one request, class by class, exact; JSON-ready (ints and strings).
+
+    `tier` says which prices applied: "long_context" when the request's input was above
+    the version's `long_context_threshold` (> 0), else "base"."""
     cost_nano, exact = cost(usage, price, multiplier)
+    threshold = price.long_context_threshold
+    billed = tier_for(price, usage.input + usage.cache_read + usage.cache_write)
     classes = []
     subtotal = Fraction(0)
     for name in ("input", "output", "cache_read", "cache_write"):
         tokens = getattr(usage, name)
-        unit = getattr(price, name)
+        unit = getattr(billed, name)
         sub = Fraction(tokens * unit, TOKENS_PER_PRICE_UNIT)
         subtotal += sub
         classes.append(
@@ -294,6 +400,9 @@ def explain(usage: Usage, price: PriceRow, multiplier: Fraction) -> dict[str, An
     return {
         "model": price.model,
         "price_version": price.version,
+        "tier": "base" if billed is price else "long_context",
+        "long_context_threshold": threshold,
+        "input_tokens_total": usage.input + usage.cache_read + usage.cache_write,
         "classes": classes,
         "reasoning_tokens": usage.reasoning,  # already inside output, listed for reference
         "subtotal_usd": _exact_usd(subtotal),
@@ -308,13 +417,17 @@ def explain(usage: Usage, price: PriceRow, multiplier: Fraction) -> dict[str, An
 
 # --- storage (start-up, admin, poller; never per request) ----------------------------
 
-_COLUMNS = "id, model, input, output, cache_read, cache_write, effective_at"
+_COLUMNS = ("id, model, input, output, cache_read, cache_write, effective_at, long_context_threshold,"
+            " long_context_input, long_context_output, long_context_cache_read,"
+            " long_context_cache_write")
 
 
 def _row(r: asyncpg.Record) -> PriceRow:
     at = r["effective_at"]
     return PriceRow(r["id"], r["model"], r["input"], r["output"], r["cache_read"], r["cache_write"],
-                    at.timestamp() if at is not None else 0.0)
+                    at.timestamp() if at is not None else 0.0, r["long_context_threshold"],
+                    r["long_context_input"], r["long_context_output"],
+                    r["long_context_cache_read"], r["long_context_cache_write"])
 
 
 async def load_since(conn: asyncpg.Connection, since_id: int) -> list[PriceRow]:
@@ -346,9 +459,13 @@ async def _current(conn: asyncpg.Connection, models: Sequence[str]) -> dict[str,
 async def _insert(conn: asyncpg.Connection, row: PriceRow, created_by: str,
                   effective_at: datetime | None = None) -> PriceRow:
     r = await conn.fetchrow(
-        "INSERT INTO prices (model, input, output, cache_read, cache_write, created_by, effective_at)"
-        f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+        "INSERT INTO prices (model, input, output, cache_read, cache_write, created_by, effective_at,"
+        " long_context_threshold, long_context_input, long_context_output, long_context_cache_read,"
+        f" long_context_cache_write) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        f" RETURNING {_COLUMNS}",
         row.model, row.input, row.output, row.cache_read, row.cache_write, created_by, effective_at,
+        row.long_context_threshold, row.long_context_input, row.long_context_output,
+        row.long_context_cache_read, row.long_context_cache_write,
     )
     assert r is not None
     return _row(r)

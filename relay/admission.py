@@ -4,7 +4,9 @@
 bound (relay.request), and the most any of them may cost; `admit` reserves that much
 (limits) or raises the denial; near exhaustion the input is counted as the upstream
 will count it first (`tight`); a group that opted in gets its bound lowered to what it
-can afford instead of a 402 (`fit_output`). Never on the stream path: once per request.
+can afford instead of a 402 (`fit_output`). A price's long-context tier is reserved
+whenever the input bound (or the tight count) is above its threshold
+(accounting.pricing.estimate_max_cost), so the tier never overdraws. Never on the stream path: once per request.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from accounting.money import format_usd
-from accounting.pricing import estimate_max_cost
+from accounting.pricing import estimate_max_cost, tier_for
 from relay import errors as E
 from relay.request import (
     BOUND_FIELDS,
@@ -173,6 +175,9 @@ async def fit_output(
     body = mr.body
     est_in, _ = await tight(gw, route, body, sent, mr.model,
                             max_in + media_tokens(sent, body), 0, price, multiplier)
+    # Solve at the prices this input is reserved at (the long-context tier above its
+    # threshold): a per-token price from the base row would overshoot the room.
+    price = tier_for(price, est_in)
     choices = choices_of(route.name, body)
     # The reservation is linear in the output: solve, then step down past rounding.
     per_token = estimate_max_cost(0, 1_000_000, price, multiplier)

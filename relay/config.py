@@ -214,6 +214,14 @@ class Price:
     cache_write: str = ""
     # The output bound written into a request that names none (0: the limits default).
     max_output_tokens: int = 0
+    # The long-context tier (accounting.pricing): input tokens (input + cache read +
+    # cache write) above which the whole request is billed at the long_context_* prices;
+    # 0: no tier. Empty long-context cache prices default to long_context_input.
+    long_context_threshold: int = 0
+    long_context_input: str = ""
+    long_context_output: str = ""
+    long_context_cache_read: str = ""
+    long_context_cache_write: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,8 +391,16 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
                 if v > 1 << 24:
                     raise ConfigError(f"prices.{model}.max_output_tokens: at most {1 << 24}, got {v}")
                 continue
+            if f.name == "long_context_threshold":
+                continue
             if v != "" or f.name in ("input", "output"):
                 _check_decimal(f"prices.{model}.{f.name}", v)
+        from accounting.pricing import row_from_price
+
+        try:  # the tier's own rules (threshold range, all or nothing, never below base)
+            row_from_price(model, p)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ConfigError(str(exc))
         prices.append((model, p))
     groups = []
     for i, raw in enumerate(data.get("groups", [])):

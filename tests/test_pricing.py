@@ -40,6 +40,11 @@ class P:
     output: str
     cache_read: str = ""
     cache_write: str = ""
+    long_context_threshold: int = 0
+    long_context_input: str = ""
+    long_context_output: str = ""
+    long_context_cache_read: str = ""
+    long_context_cache_write: str = ""
 
 
 ONE = Fraction(1)

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from accounting import pricing, store
+from accounting.pricing import LONG_CONTEXT_CLASSES, MAX_LONG_CONTEXT_THRESHOLD
 from relay import errors as E
 from relay.config import Price
 from relay.ops.base import Op
 from relay.ops.parse import (
+    int_,
     only,
     text,
     time_,
@@ -39,19 +41,24 @@ async def prices_scheduled(op: Op) -> Any:
 
 async def prices_set(op: Op) -> Reply:
     body = op.body()
-    only(body, {"model", "input", "output", "cache_read", "cache_write", "effective_at"})
+    only(body, {"model", "input", "output", "cache_read", "cache_write", "effective_at",
+                "long_context_threshold", *LONG_CONTEXT_CLASSES})
     effective_at = time_(body, "effective_at")
     model = (text(body, "model", required=True) or "").strip()
     if not model:
         raise E.InvalidRequest("model: must not be empty (\"default\" prices unknown models)")
     parts: dict[str, Any] = {}
-    for f in ("input", "output", "cache_read", "cache_write"):
+    for f in ("input", "output", "cache_read", "cache_write", *LONG_CONTEXT_CLASSES):
         v = body.get(f)
         if v is None and f in ("input", "output"):
             raise E.InvalidRequest(f"{f}: required (USD per 1M tokens, e.g. \"0.15\")")
         if v is not None and not isinstance(v, str):
             raise E.InvalidRequest(f"{f}: expected a decimal string such as \"0.15\", got {v!r}")
         parts[f] = v or ""
+    # Input tokens above which the whole request is billed at the long_context_* prices.
+    threshold = int_(body, "long_context_threshold", hi=MAX_LONG_CONTEXT_THRESHOLD) or 0
+    if threshold:
+        parts["long_context_threshold"] = threshold
     price = Price(**parts)
     async with op.tx() as conn:
         before = await conn.fetchval("SELECT coalesce(max(id), 0) FROM prices")

@@ -79,11 +79,17 @@ def with_usd(row: dict[str, Any], *names: str) -> dict[str, Any]:
 
 
 def price_json(row: pricing.PriceRow) -> dict[str, Any]:
+    """A price version; `long_context_threshold` 0 (and long-context prices 0): no tier."""
     return {"model": row.model, "version": row.version, **money("input", row.input),
             **money("output", row.output), **money("cache_read", row.cache_read),
             **money("cache_write", row.cache_write), "unit": "USD per 1M tokens",
             "effective_at": (datetime.fromtimestamp(row.effective_at, UTC)
-                             if row.effective_at else None)}
+                             if row.effective_at else None),
+            "long_context_threshold": row.long_context_threshold,
+            **money("long_context_input", row.long_context_input),
+            **money("long_context_output", row.long_context_output),
+            **money("long_context_cache_read", row.long_context_cache_read),
+            **money("long_context_cache_write", row.long_context_cache_write)}
 
 
 def group_json(g: store.Group) -> dict[str, Any]:
