@@ -124,6 +124,9 @@ async def _usage_show(conn: asyncpg.Connection, args: argparse.Namespace) -> int
     bill = out.get("bill")
     if bill is not None:
         sys.stdout.write(f"\nbill (price version {bill['price_version']}, multiplier {bill['multiplier']}):\n")
+        if bill["tier"] == "long_context":
+            sys.stdout.write(f"  long-context prices: input {bill['input_tokens_total']} tokens is above"
+                             f" the version's threshold of {bill['long_context_threshold']}\n")
         for c in bill["classes"]:
             sys.stdout.write(f"  {c['class']:<12} {c['tokens']:>10} x {c['usd_per_million']} USD/1M"
                              f" = {c['subtotal_usd']} USD\n")

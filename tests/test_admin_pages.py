@@ -160,6 +160,26 @@ async def test_prices_set_scheduled_diff(h, owner) -> None:
     assert "50.0%" in owner.last  # input 1 -> 1.5 between the two versions in effect
 
 
+async def test_prices_form_sets_a_long_context_tier(h, owner) -> None:
+    await owner.get("/admin/prices")
+    r = await owner.post("/admin/prices", {"model": "lc-model", "input": "3", "output": "15",
+                                           "long_context_threshold": "200000",
+                                           "long_context_input": "6", "long_context_output": "22.5"})
+    assert r.status == 200 and "above 200,000 tokens: 6 / 22.5" in owner.last
+    (row,) = await _q(h, "SELECT long_context_threshold, long_context_cache_read FROM prices"
+                         " WHERE model = 'lc-model'")
+    assert (row[0], row[1]) == (200000, 6_000_000_000)
+    # A tier cheaper than the base, or a threshold that is no number, is refused on the page.
+    for bad in ({"long_context_threshold": "200000", "long_context_input": "1",
+                 "long_context_output": "22.5"},
+                {"long_context_threshold": "2e5", "long_context_input": "6",
+                 "long_context_output": "22.5"}):
+        r = await owner.post("/admin/prices", {"model": "lc-bad", "input": "3", "output": "15", **bad})
+        assert r.status == 400 and "long_context_" in owner.last
+    await owner.get("/admin/prices/lc-model")
+    assert "above 200,000 tokens" in owner.last
+
+
 async def test_codes_batch_csv_and_void(h, owner) -> None:
     await owner.get("/admin/codes")
     r = await owner.post("/admin/codes", {"amount": "2", "count": "3", "expires_at": ""})

@@ -1,6 +1,6 @@
-"""Prices: the version in effect for each model, a change (now or at a future instant),
-the changes waiting for their instant, a model's versions, and a diff between any two
-versions. A request keeps the version it was admitted with; a scheduled version takes
+"""Prices: the version in effect for each model, a change (now or at a future instant,
+with an optional long-context tier), the changes waiting for their instant, a model's
+versions, and a diff between any two versions. A request keeps the version it was admitted with; a scheduled version takes
 effect on each worker at its instant (accounting.pricing.PriceBook).
 """
 
@@ -10,8 +10,9 @@ from datetime import datetime
 from fractions import Fraction
 from typing import Any
 
+from accounting.pricing import LONG_CONTEXT_CLASSES
 from relay.console import back
-from relay.console.admin import Failed, run, show
+from relay.console.admin import Failed, int_field, run, show
 from relay.console.web import ADMIN, VIEWER, Page, Response
 from relay.ops import prices as ops
 
@@ -50,9 +51,12 @@ async def set_price(c: Any, p: Page) -> Response:
     f = p.form
     try:
         fields: dict[str, Any] = {"model": f.get("model", "").strip()}
-        for k in CLASSES:
+        for k in (*CLASSES, *LONG_CONTEXT_CLASSES):
             if f.get(k, "").strip():
                 fields[k] = f[k].strip()
+        threshold = int_field(p, "long_context_threshold")
+        if threshold is not None:
+            fields["long_context_threshold"] = threshold
         when = _when(c, p, f.get("effective_at", ""))
         if when is not None:
             fields["effective_at"] = when
