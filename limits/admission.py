@@ -9,7 +9,9 @@ subscription's balance fallback on) the user's balance once the plan cannot cove
 reservation. The lease says which one it drew on (`Lease.plan_id`, 0: the balance);
 relay records that on the usage row, so the ledger charges what admission reserved. It answers with a `Lease` (the caller
 must `release` it exactly once, on every path) or a `Denial` that relay renders. It never
-awaits, never touches Postgres and never raises for a limit.
+awaits, never touches Postgres and never raises for a limit. A stream whose upstream
+overruns its bound may grow its lease (`Lease.extend`, relay.credit): the same scopes,
+the same fit rule, synchronously; a refusal changes nothing and the stream is ended.
 
 Budgets. For a user: available = db_balance - unflushed - reserved; for a key:
 cap - db_spent - unflushed - reserved; for a plan (subscription): db_remaining -
@@ -317,6 +319,21 @@ class Lease:
         return tuple(
             _rate_headers(self.lim_r, self.rem_r, self.reset_r, self.lim_t, self.rem_t, self.reset_t)
         )
+
+    def extend(self, extra_nano: int) -> bool:
+        """Reserve `extra_nano` more for this request, or refuse: a stream that reached
+        its reservation (relay.credit). Synchronous, no I/O, never waits for a refill.
+
+        The same scopes the admission drew on (the key cap when it reserved against it,
+        and the money scope: the plan or the balance, never the other one) and the same
+        fit rule (`Limiter._fits`; with shared limits only the slice this worker holds).
+        On success `reserve` grows, its sign kept, so `release` and settlement's cap see
+        the larger reservation; on refusal nothing changes. A released lease refuses.
+        """
+        limiter = self._limiter
+        if limiter is None or extra_nano < 0:
+            return False
+        return limiter._extend(self, extra_nano)
 
     def release(self, cost_nano: int, tokens: int) -> None:
         """Free the slot, replace the reservation by the actual cost, charge tokens to TPM.
@@ -830,6 +847,29 @@ class Limiter:
             avail = s.limit + s.db - s.unflushed - s.reserved
         return (f": this request needs up to {format_usd(need)} USD (its input and max output"
                 f" tokens at the model's price), {format_usd(max(0, avail))} USD available")
+
+    def _extend(self, lease: Lease, extra: int) -> bool:
+        k, m, reserve = lease._k, lease._m, lease.reserve
+        # A negative reserve held nothing against the key cap. Zero says nothing (a free
+        # model): the key's cap as last admitted decides, and `_release` undoes either.
+        capped = reserve > 0 or (reserve == 0 and k.limit > 0)
+        now = self.clock()
+        for s in ((k, m) if capped else (m,)):
+            if self._fits(s, extra, now) != _FITS:
+                if self.shared is not None:
+                    # This worker's slice was short (Redis may hold more): have it topped
+                    # up, sized for this request (_fits noted it), for the stream's retry.
+                    self.shared.after_extend(k, m, capped)
+                return False
+        if capped:
+            k.reserved += extra
+            lease.reserve = reserve + extra
+        else:
+            lease.reserve = reserve - extra
+        m.reserved += extra
+        if self.shared is not None:
+            self.shared.after_extend(k, m, capped)
+        return True
 
     def _release(self, k: Scope, u: Scope, m: Scope, reserve: int, cost: int, tokens: int) -> None:
         # A negative reserve marks a lease that reserved nothing against the key cap.

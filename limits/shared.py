@@ -70,6 +70,10 @@ tokens one sync interval late (50 ms), so the bucket may dip below zero by what 
 in that interval; it then denies until it refills. Money amounts travel as Lua doubles:
 exact below 2**53 nano-USD (about 9 million USD per scope).
 
+A stream's extension (`Lease.extend`, mid-stream) never waits on Redis: it draws only on
+the slice this worker holds; a refused one marks the scope for a top-up sized for it,
+which the stream may find when it tries again at the end of its reservation.
+
 Safe mode (Redis unreachable): the limiter sets `degraded`; each worker enforces
 1/N of every rate and concurrency limit locally (N = the worker count the limiter was
 given), spends only money it had already leased, and denies new spending otherwise
@@ -346,6 +350,13 @@ class Shared:
         now = k.touched
         low = self._low
         if low(k, now) | low(u, now) | (m is not None and m is not u and low(m, now)):
+            self._wake.set()
+
+    def after_extend(self, k: Scope, m: Scope, capped: bool) -> None:
+        """A lease grew, or could not from this slice (Lease.extend): top the slices up
+        as after an admission, so the stream's next try may find the money here."""
+        now = self.lim.clock()
+        if self._low(m, now) | (capped and self._low(k, now)):
             self._wake.set()
 
     def _low(self, s: Scope, now: float) -> bool:

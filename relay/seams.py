@@ -21,6 +21,8 @@ class Lease(Protocol):
     @property
     def headers(self) -> Headers: ...
 
+    def extend(self, extra_nano: int) -> bool: ...  # synchronous; False: refused, unchanged
+
     def release(self, cost_nano: int, tokens: int) -> None: ...
 
 
