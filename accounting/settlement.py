@@ -9,8 +9,9 @@ same way whichever path carried it:
   from what the relay counted it emitting (relay.credit), keeping the exact input side
   an Anthropic `message_start` already gave;
 - the cost is rounded once (accounting.pricing) and never exceeds what admission
-  reserved: an upstream that produced more than the bound it was sent is billed the
-  reservation (`capped`), so no balance, key cap or plan credit goes below zero.
+  reserved, with the extensions a stream was granted (relay.credit, Lease.extend): an
+  upstream that produced more than that is billed the reservation (`capped`), so no
+  balance, key cap or plan credit goes below zero.
 
 Pure: no I/O, no clock.
 """

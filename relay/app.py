@@ -370,7 +370,8 @@ class Gateway:
                     ex = call.ex = Exchange(self, conn, route, mode, headers_out)
                     if stream:
                         credit = ex.credit = OutputCredit(
-                            route.protocol_name, route.name, max_out if lease is not None else 0)
+                            route.protocol_name, route.name, max_out if lease is not None else 0,
+                            call)
                         ex.next_check = credit.first_step()
                     path = route.upstream_path + _query(req)
                 else:

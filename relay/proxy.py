@@ -195,8 +195,9 @@ class Exchange:
         return self.credit.counted
 
     def _check_credit(self) -> None:
-        """The stream passed its next check: count what it emitted since the last; past
-        its credit, end it (billed for what was emitted)."""
+        """The stream passed its next check: count what it emitted since the last; at
+        the end of its credit, extend it if its scopes allow, else end it (billed for
+        what was emitted)."""
         credit = self.credit
         if credit is None:
             self.next_check = 1 << 62
@@ -207,16 +208,23 @@ class Exchange:
             self.response_id = first_id(chunks)  # the first bytes go now (relay.requestids)
         step = credit.count(chunks, self.bytes_out)
         if step < 0:
-            up = self.upstream
-            if up is not None:
-                self.upstream = None
-                up.abort()
-            self.next_check = 1 << 62
-            self.on_fail(E.InsufficientQuota(
-                "The response reached the output this request reserved; it was ended and "
-                "is billed for what was sent"))
-            return
+            step = credit.extend(self.bytes_out)  # the only branch an extension costs
+            if step < 0:
+                self._cut()
+                return
         self.next_check = self.bytes_out + step
+
+    def _cut(self) -> None:
+        """End a stream no grant could extend, with one error event (relay.credit)."""
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.abort()
+        self.next_check = 1 << 62
+        self.on_fail(E.InsufficientQuota(
+            "The response reached the output this request reserved, and no more could "
+            "be reserved (balance, plan credit or key cap, or too many extensions); it "
+            "was ended and is billed for what was sent"))
 
     def _feed_tap(self, block: bytes) -> None:
         event, data = fields(block)

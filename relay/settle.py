@@ -1,7 +1,8 @@
 """The gateway's settlement step: what a request used, its cost, and its usage row.
 
 `settle` runs once per model request, whatever happened (done, failed, cut, client
-gone): it prices the usage (accounting.settlement, never above the reservation),
+gone): it prices the usage (accounting.settlement, never above the reservation, a
+stream's extensions included: `lease.reserve` has grown with them),
 releases the lease, counts the request in the metrics and records the flat row
 (accounting.records.UsageRow) with one synchronous call. `checkpoint_fn` gives a live
 stream's checkpoints (relay.checkpoints) the same row as if it ended now.

@@ -229,11 +229,12 @@ async def test_an_overrunning_upstream_never_overdraws(
         assert b"event: error" in obj
     (row,) = await rows(gw, key_id)
     # Not streamed: the upstream's report is past the reservation, which is charged.
-    # Streamed: the credit ended it a little past its reservation (the slack for the
-    # count's error); what it emitted is charged, never more than the reservation.
+    # Streamed: the credit extended it while the balance allowed (0.01 USD is about 650
+    # tokens at 15 USD/M), then ended it; what it emitted is charged, never more than
+    # the reservation with its extensions (tests/test_stream_extension.py).
     assert row["usage_source"] in (("estimated", "capped") if stream else ("capped",))
     if stream:
-        assert row["output_tokens"] < 400  # ended near 30 tokens, not at 20,000
+        assert row["output_tokens"] < 1000  # ended within the balance, not at 20,000
     assert await balance(gw, user_id) >= 0
     # The reservation: 30 output tokens and the body's bytes of input, at 15 and 3.75 USD/M.
     assert row["cost_nano"] < parse_usd("0.01")
