@@ -19,9 +19,9 @@ for, and what its checkpoints say.
 One that overruns it reaches the end of its credit, and is then EXTENDED while the
 key cap and the balance or plan allow it (`extend`), as online charging grants
 further units: a grant of max(reserved output, EXTEND_MIN_TOKENS) tokens plus what was
-emitted past the reservation, priced at the request's output price x the group's
-multiplier and rounded up (accounting.pricing.estimate_max_cost, as admission prices
-it), reserved with `Lease.extend` (synchronous: the stream never waits on anything).
+emitted past the reservation, priced at the request's output price (its long-context tier's, when the
+price has one) x the group's multiplier and rounded up
+(accounting.pricing.estimate_max_cost, as admission prices it), reserved with `Lease.extend` (synchronous: the stream never waits on anything).
 A grant the scopes cannot cover is halved, down to EXTEND_MIN_TOKENS. Once extended,
 the next grant is asked for a quarter of a grant before the reservation runs out (and
 the checks come closer there, at the rate the stream has shown), so the reservation
@@ -139,6 +139,10 @@ class OutputCredit:
         lease = call.lease if call is not None else None
         if lease is not None and self.extensions < MAX_EXTENSIONS:
             price = call.price
+            if price is not None and price.long_context is not None:
+                # Whether this request is in the long-context tier is known only from
+                # its usage: reserve at the tier's output price (never below the base).
+                price = price.long_context
             grant = max(self.base, EXTEND_MIN_TOKENS)
             covered = reserved if reserved > n else n
             while True:

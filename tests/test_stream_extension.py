@@ -370,3 +370,18 @@ def test_an_honest_stream_never_asks_for_more() -> None:
     credit = OutputCredit("anthropic", "messages", 2000, FakeCall(lease, price()))
     _, cut = run(credit, 2000)
     assert not cut and lease.calls == [] and credit.extensions == 0
+
+
+def test_a_long_context_price_extends_at_its_tier() -> None:
+    from accounting.pricing import PriceRow
+
+    tiered = PriceRow(model="m", version=1, input=0, output=1_000_000_000, cache_read=0,
+                      cache_write=0, long_context_threshold=1000,
+                      long_context_output=3_000_000_000)
+    lease = FakeLease(room=10**12)
+    credit = OutputCredit("anthropic", "messages", 300, FakeCall(lease, tiered))
+    run(credit, 2000, per=5)
+    assert credit.extensions >= 1
+    grant = lease.calls[0]
+    # 3,000 nano-USD per token (the tier's output), not the base's 1,000.
+    assert grant % 3000 == 0 and grant // 3000 >= EXTEND_MIN_TOKENS
