@@ -23,6 +23,7 @@ upstream is ever asked for more than was reserved. Pure: no I/O.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -59,15 +60,21 @@ _QUOTED: dict[str, bytes] = {}
 
 
 class ModelRequest:
-    """What the gateway read from a body, checked once."""
+    """What the gateway read from a body, checked once: the model, stream mode, and the
+    output bound per choice and the choices the client's own protocol reads (0 and 1
+    when the body names none)."""
 
-    __slots__ = ("body", "include_usage", "model", "stream")
+    __slots__ = ("body", "bound", "choices", "include_usage", "media", "model", "stream")
 
-    def __init__(self, body: dict[str, Any], model: str, stream: bool, include_usage: bool) -> None:
+    def __init__(self, body: dict[str, Any], model: str, stream: bool, include_usage: bool,
+                 bound: int, choices: int, media: bool = True) -> None:
         self.body = body
         self.model = model
         self.stream = stream
         self.include_usage = include_usage
+        self.bound = bound
+        self.choices = choices
+        self.media = media  # the body may hold media parts (True: not looked at)
 
 
 def _quoted(name: str) -> bytes:
@@ -98,6 +105,33 @@ def strict(raw: bytes) -> None:
         pass  # orjson accepted it; Python's parser differs on edge cases, not on keys
 
 
+# What a body's top-level names ask of the scan, per route and tuple of names (clients
+# send the same few shapes), worked out once: each name quoted as it appears in the raw
+# bytes; the integer members with their upper limit and role (1: the bound the route's
+# protocol reads, 2: its choices, 0: neither); the other members whose type is checked;
+# the nested names counted under the parents present.
+_BOUND, _CHOICES = 1, 2
+_Shape = tuple[tuple[bytes, ...], tuple[tuple[str, int, int], ...], tuple[str, ...],
+               tuple[bytes, ...]]
+_SHAPES: dict[tuple[str, tuple[str, ...]], _Shape] = {}
+# A key spelled with a \u escape ("max_\u0074okens") is the same key to a parser but
+# not to the byte scan: a body with one goes to the strict parser.
+_ESCAPED_KEY = re.compile(rb'"[^"\\]*(?:\\[^u][^"\\]*)*\\u[^"]*"\s*:')
+
+
+def _shape(route: str, names: tuple[str, ...]) -> _Shape:
+    bounds, choices = BOUND_FIELDS.get(route, ()), CHOICE_FIELDS.get(route, ())
+    ints = tuple((n, MAX_CHOICES if n in ("n", "best_of") else MAX_BOUND,
+                  _BOUND if n in bounds else _CHOICES if n in choices else 0)
+                 for n in names if n in _INT_FIELDS)
+    shape = (tuple(_quoted(n) for n in names), ints,
+             tuple(n for n in names if n in _CHECKED and n not in _INT_FIELDS and n != "stream"),
+             tuple(q for parent, q in _NESTED if parent in names))
+    if len(_SHAPES) < 4096 and sum(map(len, names)) < 1024:  # names come from clients
+        _SHAPES[(route, names)] = shape
+    return shape
+
+
 def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
     try:
         body = orjson.loads(raw)
@@ -105,34 +139,71 @@ def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
         raise E.InvalidRequest(f"Malformed JSON body: {exc}")
     if type(body) is not dict:
         raise E.InvalidRequest("The request body must be a JSON object")
-    # One pass over the members: each name's count in the raw bytes (a duplicate
-    # shows twice), and a check of the members the gateway reads.
-    suspect = False
-    checked = _CHECKED
-    quoted = _QUOTED
-    for name in body:
-        q = quoted.get(name)
-        if q is None:
-            q = _quoted(name)
-        if raw.count(q) > 1:
-            suspect = True
-        if name in checked:
-            _check(body, name)
-    if not suspect:
-        for parent, q in _NESTED:
-            if parent in body and raw.count(q) > 1:
-                suspect = True
+    names = tuple(body)
+    shape = _SHAPES.get((route, names))
+    if shape is None:
+        shape = _shape(route, names)
+    find = raw.find
+    escaped = find(b"\\u") >= 0
+    # A duplicate shows its quoted name twice in the raw bytes.
+    count = raw.count
+    for q in shape[0]:
+        if count(q) > 1:
+            strict(raw)
+            break
+    else:
+        for q in shape[3]:
+            if count(q) > 1:
+                strict(raw)
                 break
-    if suspect:
-        strict(raw)
+        else:
+            if escaped and _ESCAPED_KEY.search(raw) is not None:
+                strict(raw)
+    # The members the gateway reads, checked here once: the bound and choices the
+    # route's protocol reads need no second look.
+    bound, choices = 0, 1
+    for name, hi, role in shape[1]:
+        v = body[name]
+        if v is None:
+            continue
+        if type(v) is not int or v < 1 or v > hi:
+            _int_field(body, name)  # raises, naming the field
+        if role == _BOUND:
+            if v > bound:
+                bound = v
+        elif role == _CHOICES and v > choices:
+            choices = v
+    for name in shape[2]:
+        _check(body, name)
+    stream = body.get("stream")
+    if stream is not None and type(stream) is not bool:
+        raise E.InvalidRequest("stream must be true or false")
     m = body.get("model")
     if type(m) is not str or not m:
         raise E.InvalidRequest("Missing required field: model (a string)")
     if len(m) > 256 or not m.isprintable():
         raise E.InvalidRequest("Invalid model name: at most 256 printable characters")
-    so = body.get("stream_options")
-    include = type(so) is dict and so.get("include_usage") is True
-    return ModelRequest(body, m, body.get("stream") is True and streamable, include)
+    include = False
+    if stream:
+        so = body.get("stream_options")
+        include = type(so) is dict and so.get("include_usage") is True
+    if bound and route == "messages":  # without max_tokens the budget bounds nothing
+        th = body.get("thinking")
+        if type(th) is dict:
+            budget = th.get("budget_tokens")
+            if type(budget) is int and budget > bound:
+                bound = budget
+    # Media parts (a "type" member) may cost tokens their bytes do not show; a body
+    # with escapes may spell one so the scan would miss it (relay.request.media_tokens).
+    media = escaped
+    if not escaped and find(b'"type"') >= 0:
+        for hint in _MEDIA_HINTS:
+            # find, not `in`: `bytes in bytes` first tries the operand as an integer,
+            # and the TypeError it raises and clears costs more than the scan.
+            if find(hint) >= 0:
+                media = True
+                break
+    return ModelRequest(body, m, stream is True and streamable, include, bound, choices, media)
 
 
 def _check(body: dict[str, Any], name: str) -> None:
@@ -258,13 +329,9 @@ _COUNTED = frozenset(("messages", "prompt", "input", "instructions", "tools", "f
 _OPENAI_TOKENIZED = ("gpt-", "o1", "o3", "o4", "chatgpt-", "text-", "davinci", "babbage")
 
 
-def media_tokens(raw: bytes, body: dict[str, Any]) -> int:
-    """Tokens that media parts (images, audio, files) may cost beyond their bytes."""
-    for hint in _MEDIA_HINTS:
-        if hint in raw:
-            break
-    else:
-        return 0
+def media_tokens(body: dict[str, Any]) -> int:
+    """Tokens that media parts (images, audio, files) may cost beyond their bytes: for a
+    body parse() found may hold some (ModelRequest.media)."""
     return _media_parts(body, 0) * tokens.MEDIA_TOKENS
 
 
