@@ -61,7 +61,10 @@ PlanLoader = Callable[[int], Awaitable[int]]
 _INF = math.inf
 _CONC_RETRY_S = 1.0  # no natural clock for a slot to free; a short, honest hint
 # Outcomes of Limiter._fits.
-_FITS, _SHORT, _REFILL, _DEGRADED, _UNKNOWN = 1, 0, -1, -2, -3
+_FITS, _SHORT, _REFILL, _DEGRADED, _UNKNOWN, _NEAR = 1, 0, -1, -2, -3, 2
+# What `Limiter.admit(..., near=)` answers when a reservation would take a large share
+# of what is left: count the input exactly, then admit again.
+NEAR = object()
 # Set by `refill` in the awaiting request's context, read (and cleared) by its next
 # `admit`: a request that waited for a sync may take the slots and money that sync got
 # for the waiters; a request arriving meanwhile may not (it would take them and send the
@@ -531,8 +534,15 @@ class Limiter:
         client_ip: str,
         model_allowed: bool,
         now: float,
-    ) -> Lease | Denial | None:
-        """Lease on admission, Denial otherwise; None: `await refill(key)` then admit again."""
+        near: int = 0,
+    ) -> Lease | Denial | object | None:
+        """Lease on admission, Denial otherwise; None: `await refill(key)` then admit again.
+
+        `near`: when the reservation fits but takes more than 1/`near` of what a money
+        scope (key cap, balance or plan) has left, admit nothing and return NEAR: relay
+        counts the input exactly and admits again with the tighter reservation (and
+        `near` 0). Asked here, where the scopes are at hand, rather than in a second
+        call before every admission."""
         if not key.enabled:
             return self._deny(Denial(401, "invalid_api_key", "key disabled", reason="key_disabled"))
         if not key.user_enabled:
@@ -720,18 +730,23 @@ class Limiter:
                 m = p
             else:
                 return self._undecided(fit, "plan credit not loaded yet")
+        close = False  # near exhaustion in some scope (`near`)
         for s in ((k, m) if cap_nano else (m,)):
-            fit = self._fits(s, reserve_nano, now, waited)
-            if fit == _SHORT:
+            fit = self._fits(s, reserve_nano, now, waited, near)
+            if fit == _FITS:
+                continue
+            if fit == _NEAR:
+                close = True
+            elif fit == _SHORT:
                 if s is m and m is not u:
                     return self._deny(Denial(402, "insufficient_quota", "plan credit exhausted"
                                              + self._amounts(s, reserve_nano), reason="plan_credit"))
                 return self._quota_denial(s is k, s, reserve_nano)
-            if fit == _REFILL:
+            elif fit == _REFILL:
                 pending = True
                 if s not in short:
                     short.append(s)
-            elif fit != _FITS:
+            else:
                 return self._undecided(fit, "balance not loaded yet")
         if pending:
             # What this admission waits for, so that the next sync asks for all waiters.
@@ -742,6 +757,8 @@ class Limiter:
             for s in short:
                 s.mwait += reserve_nano
             return None
+        if close:
+            return NEAR
 
         # Commit.
         if krpm:
@@ -798,16 +815,17 @@ class Limiter:
                 least = avail
         return least
 
-    def _fits(self, s: Scope, reserve: int, now: float, waited: bool = False) -> int:
-        """Whether `reserve` fits the money scope `s` (_FITS, _SHORT), or why that is not
-        known yet (_REFILL: await refill; _DEGRADED: Redis away; _UNKNOWN: no snapshot)."""
+    def _fits(self, s: Scope, reserve: int, now: float, waited: bool = False, near: int = 0) -> int:
+        """Whether `reserve` fits the money scope `s` (_FITS, _SHORT; _NEAR: fits, but
+        takes more than 1/`near` of what is left), or why that is not known yet
+        (_REFILL: await refill; _DEGRADED: Redis away; _UNKNOWN: no snapshot)."""
         if self.shared is not None:
             # Leased budget only; in safe mode no new slice can be had.
             avail = s.held - s.reserved
             if not waited and now < s.hold_until:
                 avail -= s.mhold  # got for requests that waited: theirs first
             if reserve <= avail and avail > 0:
-                return _FITS
+                return _NEAR if near and reserve * near > avail else _FITS
             s.last_reserve = reserve
             if self.degraded:
                 return _DEGRADED
@@ -817,7 +835,9 @@ class Limiter:
             has_loader = self.plan_loader if s.kind == "p" else self.loader
             return _REFILL if has_loader is not None else _UNKNOWN
         avail = s.limit + db - s.unflushed - s.reserved
-        return _FITS if reserve <= avail and avail > 0 else _SHORT
+        if reserve <= avail and avail > 0:
+            return _NEAR if near and reserve * near > avail else _FITS
+        return _SHORT
 
     def _undecided(self, fit: int, unknown: str) -> Denial | None:
         if fit == _REFILL:

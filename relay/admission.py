@@ -19,6 +19,7 @@ import orjson
 
 from accounting.money import format_usd
 from accounting.pricing import estimate_max_cost, tier_for
+from limits.admission import NEAR
 from relay import errors as E
 from relay.request import (
     BOUND_FIELDS,
@@ -70,7 +71,7 @@ def bounded_bodies(
     body = mr.body
     if route.name not in BOUNDED_ROUTES:
         return raw, translations(route, mr, attempt_plan), 0, len(raw)
-    per_choice = bound_of(route.name, body)
+    per_choice = mr.bound
     if not per_choice:
         per_choice = gw.max_out_by_model.get(mr.model, gw.default_out)
         name = bound_field(route.name, gw.is_reasoning(mr.model))
@@ -81,10 +82,10 @@ def bounded_bodies(
         else:
             body[name] = per_choice
             raw = inject_raw(raw, name, per_choice)
-    max_out = per_choice * choices_of(route.name, body)
+    max_out = per_choice * mr.choices
     max_in = len(raw)
     bodies = translations(route, mr, attempt_plan)
-    for plan, out in bodies.items():
+    for plan, out in bodies.items() if bodies else ():
         up_route = "messages" if plan.upstream_protocol == "anthropic" else "chat"
         bound = upstream_bound(up_route, out)
         if not bound:
@@ -100,8 +101,9 @@ def translations(route: Route, mr: ModelRequest,
     """The translated body per plan the attempts need, built once (the model is set
     per attempt)."""
     out: dict[Plan, dict[str, Any]] = {}
+    protocol, responses = route.protocol, route.name == "responses"
     for _, ch in attempt_plan:
-        if ch.protocol_id == route.protocol and not (route.name == "responses" and ch.chat_only):
+        if ch.protocol_id == protocol and not (responses and ch.chat_only):
             continue
         plan = plan_for(route.name, ch.protocol, ch.chat_only)
         if plan is not None and plan not in out:
@@ -116,29 +118,27 @@ async def admit(gw: Gateway, call: ModelCall, raw: bytes, max_in: int, max_out: 
     price, multiplier, route = call.price, call.multiplier, call.route
     # Upper bound of input tokens: a token is at least one byte of the body; media
     # parts (images, audio, files) cost tokens their bytes do not show.
-    est_in = max_in + media_tokens(raw, body)
+    est_in = max_in
+    if call.mr is None or call.mr.media:
+        est_in += media_tokens(body)
     reserve = 0
     if price is not None:
         reserve = estimate_max_cost(est_in, max_out, price, multiplier)
     limiter = gw.limiter
     assert limiter is not None
-    counted_once = False
-    if reserve:
-        room = limiter.headroom(key)
-        if room is None:
-            await limiter.refill(key)  # what admit would ask for first anyway
-            room = limiter.headroom(key)
-        if room is not None and reserve * NEAR_EXHAUSTION > room:
+    counted_once = not reserve
+    for _ in range(4):
+        decision = limiter.admit(key, model, est_in // 4 + max_out, reserve, req.client_ip,
+                                 allowed, time.time(), 0 if counted_once else NEAR_EXHAUSTION)
+        if decision is None:
+            await limiter.refill(key)
+            continue
+        if decision is NEAR:
             # Near exhaustion the byte bound would refuse requests the balance can
             # pay for: count the input the way the upstream will first.
             counted_once = True
             est_in, reserve = await tight(gw, route, body, raw, model, est_in, max_out,
                                           price, multiplier)
-    for _ in range(4):
-        decision = limiter.admit(key, model, est_in // 4 + max_out, reserve, req.client_ip,
-                                 allowed, time.time())
-        if decision is None:
-            await limiter.refill(key)
             continue
         if hasattr(decision, "release"):
             return decision
@@ -174,7 +174,7 @@ async def fit_output(
         return None
     body = mr.body
     est_in, _ = await tight(gw, route, body, sent, mr.model,
-                            max_in + media_tokens(sent, body), 0, price, multiplier)
+                            max_in + (media_tokens(body) if mr.media else 0), 0, price, multiplier)
     # Solve at the prices this input is reserved at (the long-context tier above its
     # threshold): a per-token price from the base row would overshoot the room.
     price = tier_for(price, est_in)
@@ -199,7 +199,8 @@ async def fit_output(
         if per_choice - 1 < MIN_THINKING_BUDGET:
             return None  # thinking cannot fit: the 402 says what is needed
         fitted["thinking"] = {**th, "budget_tokens": per_choice - 1}
-    fitted_mr = ModelRequest(fitted, mr.model, mr.stream, mr.include_usage)
+    fitted_mr = ModelRequest(fitted, mr.model, mr.stream, mr.include_usage,
+                             bound_of(route.name, fitted), choices, mr.media)
     return fitted_mr, bounded_bodies(gw, orjson.dumps(fitted), fitted_mr, route, attempt_plan)
 
 async def tight(gw: Gateway, route: Route, body: dict[str, Any], raw: bytes, model: str,

@@ -40,7 +40,8 @@ class Limiter(Protocol):
     """Admission (limits.admission.Limiter)."""
 
     def admit(self, key: Any, model: str, est_tokens: int, reserve_nano: int, client_ip: str,
-              model_allowed: bool, now: float) -> Any: ...  # Lease | Denial | None
+              model_allowed: bool, now: float, near: int = 0) -> Any: ...
+    # Lease | Denial | None | limits.admission.NEAR
 
     async def refill(self, key: Any) -> None: ...
 

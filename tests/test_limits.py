@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from limits.admission import Denial, Lease, Limiter, anthropic_headers, check_workers
+from limits.admission import NEAR, Denial, Lease, Limiter, anthropic_headers, check_workers
 from limits.keys import KeyState
 from relay.config import LimitsConfig
 
@@ -358,3 +358,32 @@ def test_flushed_spend_still_counts_until_the_next_snapshot() -> None:
     lim.apply_user_snapshot(k.user_id, 0)
     lim.apply_key_snapshot(k.id, 50)
     assert isinstance(admit(lim, k, reserve=10), Denial)
+
+
+def test_near_exhaustion_is_answered_before_anything_is_reserved() -> None:
+    # A reservation that fits but would take more than 1/near of what is left is not
+    # admitted: relay counts the input exactly and admits again (near=0).
+    lim = limiter(balance=80)
+    k = key()
+    d = lim.admit(k, "gpt-4o-mini", 100, 11, "10.0.0.1", True, lim.clock(), 8)
+    assert d is NEAR
+    assert lim.users[7].reserved == 0 and lim.users[7].inflight == 0 and lim.inflight == 0
+    d = lim.admit(k, "gpt-4o-mini", 100, 10, "10.0.0.1", True, lim.clock(), 8)  # 10*8 <= 80
+    assert isinstance(d, Lease)
+    d.release(0, 0)
+    d = lim.admit(k, "gpt-4o-mini", 100, 11, "10.0.0.1", True, lim.clock(), 0)
+    assert isinstance(d, Lease)
+    d.release(0, 0)
+    # What does not fit at all is still a 402, near or not.
+    d = lim.admit(k, "gpt-4o-mini", 100, 81, "10.0.0.1", True, lim.clock(), 8)
+    assert isinstance(d, Denial) and d.status == 402
+
+
+def test_near_exhaustion_of_a_key_cap() -> None:
+    lim = limiter(balance=100 * USD)
+    lim.apply_key_snapshot(1, 0)
+    k = key(cap_nano=800)
+    assert lim.admit(k, "gpt-4o-mini", 100, 101, "10.0.0.1", True, lim.clock(), 8) is NEAR
+    d = lim.admit(k, "gpt-4o-mini", 100, 100, "10.0.0.1", True, lim.clock(), 8)
+    assert isinstance(d, Lease)
+    d.release(0, 0)
