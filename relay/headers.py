@@ -12,6 +12,7 @@ in `forward_headers` (glob patterns). Pure: no I/O.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 # The flags Claude Code sends with an API key; none changes what a request costs.
 DEFAULT_ANTHROPIC_BETAS = (
@@ -33,57 +34,68 @@ _ANTHROPIC = frozenset((b"anthropic-version", b"anthropic-dangerous-direct-brows
                         b"x-app"))
 
 
-_DROP, _PASS, _BETA = 0, 1, 2
+class _Verdicts(dict[bytes, bool]):
+    """Header name -> passes; an unseen name is decided by the policy (and remembered,
+    up to a bound: names come from clients)."""
+
+    __slots__ = ("_decide",)
+
+    def __init__(self, decide: Callable[[bytes], bool]) -> None:
+        super().__init__()
+        self._decide = decide
+
+    def __missing__(self, name: bytes) -> bool:
+        v = self._decide(name)
+        if len(self) < 1024:
+            self[name] = v
+        return v
 
 
 class HeaderPolicy:
     """Per channel: a verdict per header name, decided once (names are few and repeat),
-    so filtering a request's headers is a dict lookup each."""
+    so filtering a request's headers is one dict lookup each, in a list comprehension."""
 
-    __slots__ = ("_betas", "_native", "_patterns", "_protocol", "_translated")
+    __slots__ = ("_betas", "_patterns", "_protocol", "anthropic", "native", "translated")
 
     def __init__(self, protocol: str, betas: tuple[str, ...], forward: tuple[str, ...]) -> None:
-        self._protocol = _ANTHROPIC if protocol == "anthropic" else _OPENAI
+        self.anthropic = protocol == "anthropic"  # betas are filtered on native requests
+        self._protocol = _ANTHROPIC if self.anthropic else _OPENAI
         self._betas = frozenset(b.strip() for b in betas)
         self._patterns = tuple(p.lower() for p in forward)
-        self._native: dict[bytes, int] = {}
-        self._translated: dict[bytes, int] = {}
+        # Read directly by relay.proxy.upstream_headers, once per request.
+        self.native = _Verdicts(lambda name: self._verdict(name, False))
+        self.translated = _Verdicts(lambda name: self._verdict(name, True))
 
-    def _verdict(self, name: bytes, translated: bool) -> int:
+    def _verdict(self, name: bytes, translated: bool) -> bool:
+        """Whether a header passes as it is. `anthropic-beta` never does: its flags are
+        filtered (`betas`), on a native Anthropic channel only."""
         if name == b"anthropic-beta":
-            v = _BETA if self._protocol is _ANTHROPIC and not translated else _DROP
-        elif translated and (name == b"content-type" or name in _ANTHROPIC or name in _OPENAI):
-            v = _DROP  # the client's protocol headers stay behind; the body's type is ours
-        elif name in _COMMON or name in self._protocol or name.startswith(_SDK_PREFIX):
-            v = _PASS
-        elif self._patterns and any(fnmatch.fnmatchcase(name.decode("latin-1"), p)
-                                    for p in self._patterns):
-            v = _PASS
-        else:
-            v = _DROP
-        cache = self._translated if translated else self._native
-        if len(cache) < 1024:  # names come from clients: bounded
-            cache[name] = v
-        return v
+            return False
+        if translated and (name == b"content-type" or name in _ANTHROPIC or name in _OPENAI):
+            return False  # the client's protocol headers stay behind; the body's type is ours
+        if name in _COMMON or name in self._protocol or name.startswith(_SDK_PREFIX):
+            return True
+        return bool(self._patterns) and any(fnmatch.fnmatchcase(name.decode("latin-1"), p)
+                                            for p in self._patterns)
 
     def allows(self, name: bytes) -> bool:
-        return self._verdict(name, False) == _PASS
+        return self.native[name]
 
     def filter(self, headers: list[tuple[bytes, bytes]], translated: bool) -> list[tuple[bytes, bytes]]:
         """The client's headers this channel's upstream may see."""
-        cache = self._translated if translated else self._native
-        out = []
-        for h in headers:
-            v = cache.get(h[0])
-            if v is None:
-                v = self._verdict(h[0], translated)
-            if v == _PASS:
-                out.append(h)
-            elif v == _BETA:
-                kept = self.betas(h[1])
-                if kept:
-                    out.append((h[0], kept))
+        verdicts = self.translated if translated else self.native
+        out = [h for h in headers if verdicts[h[0]]]
+        if self.anthropic and not translated:
+            self.add_betas(headers, out)
         return out
+
+    def add_betas(self, headers: list[tuple[bytes, bytes]], out: list[tuple[bytes, bytes]]) -> None:
+        """Append the `anthropic-beta` flags this channel passes (a native request)."""
+        for name, value in headers:
+            if name == b"anthropic-beta":
+                kept = self.betas(value)
+                if kept:
+                    out.append((name, kept))
 
     def betas(self, value: bytes) -> bytes:
         flags = [f.strip() for f in value.decode("latin-1").split(",")]

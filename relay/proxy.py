@@ -367,7 +367,12 @@ def max_output_tokens(body: dict[str, Any]) -> int:
 
 
 def upstream_headers(req: Request, channel: Channel, translated: bool = False) -> list[tuple[bytes, bytes]]:
-    out = channel.header_policy.filter(req.headers, translated)
+    # HeaderPolicy.filter, inlined: one comprehension on the request path.
+    policy = channel.header_policy
+    verdicts = policy.translated if translated else policy.native
+    out = [h for h in req.headers if verdicts[h[0]]]
+    if policy.anthropic and not translated:
+        policy.add_betas(req.headers, out)
     if translated:
         out.append(JSON_CT)
         if channel.protocol == "anthropic":
