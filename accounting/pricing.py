@@ -272,6 +272,23 @@ class PriceBook:
 # --- cost ---------------------------------------------------------------------------
 
 
+# The last multiplier seen and its terms: a group's multiplier is one object until the
+# groups reload, and Fraction's numerator and denominator are Python properties (two
+# calls per use, on every request's reservation and settlement).
+_last_terms: tuple[Fraction, int, int] = (_ONE, 1, 1)
+
+
+def _terms(multiplier: Fraction) -> tuple[int, int]:
+    global _last_terms
+    last = _last_terms
+    if multiplier is last[0]:
+        return last[1], last[2]
+    if type(multiplier) is not Fraction:
+        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    _last_terms = (multiplier, multiplier.numerator, multiplier.denominator)
+    return _last_terms[1], _last_terms[2]
+
+
 def tier_for(price: PriceRow, input_tokens: int) -> PriceRow:
     """The row a request with `input_tokens` of input (every input class) is billed at:
     the long-context tier above its threshold, else `price`. `cost`, `cost_nano` and
@@ -290,8 +307,7 @@ def cost(usage: Usage, price: PriceRow, multiplier: Fraction) -> tuple[int, Frac
     constructor; Fraction arithmetic costs several times more). The common case,
     multiplier 1 and a whole number of nano-USD, skips the gcd as well.
     """
-    if type(multiplier) is not Fraction:
-        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    mn, md = _terms(multiplier)
     tier = price.long_context  # tier_for, inlined: one check for a price without a tier
     if tier is not None and usage.input + usage.cache_read + usage.cache_write > price.long_context_threshold:
         price = tier
@@ -303,8 +319,6 @@ def cost(usage: Usage, price: PriceRow, multiplier: Fraction) -> tuple[int, Frac
     )
     if type(weighted) is not int:
         raise TypeError(f"token counts must be ints, got {usage!r}")
-    mn = multiplier.numerator
-    md = multiplier.denominator
     if mn == md:  # multiplier 1 (a Fraction is always in lowest terms)
         q, r = divmod(weighted, TOKENS_PER_PRICE_UNIT)
         if not r:
@@ -327,8 +341,7 @@ def cost_nano(usage: Usage, price: PriceRow, multiplier: Fraction) -> int:
     The usage row stores only the rounded cost; the exact value is for explanations,
     which recompute it with `cost` or `explain` from the row's usage and price version.
     """
-    if type(multiplier) is not Fraction:
-        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    mn, md = _terms(multiplier)
     tier = price.long_context  # tier_for, inlined: one check for a price without a tier
     if tier is not None and usage.input + usage.cache_read + usage.cache_write > price.long_context_threshold:
         price = tier
@@ -340,8 +353,8 @@ def cost_nano(usage: Usage, price: PriceRow, multiplier: Fraction) -> int:
     )
     if type(weighted) is not int:
         raise TypeError(f"token counts must be ints, got {usage!r}")
-    den = TOKENS_PER_PRICE_UNIT * multiplier.denominator
-    nano = (2 * weighted * multiplier.numerator + den) // (2 * den)
+    den = TOKENS_PER_PRICE_UNIT * md
+    nano = (2 * weighted * mn + den) // (2 * den)
     if nano > MAX_NANO:
         check_nano(nano, "cost")
     return nano
@@ -355,8 +368,7 @@ def estimate_max_cost(input_tokens: int, max_output: int, price: PriceRow, multi
     an upper bound too: above the long-context threshold the whole estimate is at the
     tier, which no request that bound covers can cost more than (tier >= base).
     """
-    if type(multiplier) is not Fraction:
-        raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
+    mn, md = _terms(multiplier)
     if type(input_tokens) is not int or type(max_output) is not int:
         raise TypeError("token counts must be ints")
     tier = price.long_context  # tier_for, inlined
@@ -364,8 +376,8 @@ def estimate_max_cost(input_tokens: int, max_output: int, price: PriceRow, multi
         price = tier
     in_price = max(price.input, price.cache_read, price.cache_write)
     weighted = input_tokens * in_price + max_output * price.output
-    num = weighted * multiplier.numerator
-    den = TOKENS_PER_PRICE_UNIT * multiplier.denominator
+    num = weighted * mn
+    den = TOKENS_PER_PRICE_UNIT * md
     return check_nano(-((-num) // den), "reservation")
 
 

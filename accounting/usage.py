@@ -72,23 +72,36 @@ def openai_usage(u: dict[str, Any]) -> Usage:
             cache_write=written,
             reasoning=_n(_d(u.get("output_tokens_details")).get("reasoning_tokens")),
         )
-    prompt = _n(u.get("prompt_tokens"))
-    details = _d(u.get("prompt_tokens_details"))
-    if "cached_tokens" in details:
-        cached = _n(details.get("cached_tokens"))
-    else:
-        cached = _n(u.get("prompt_cache_hit_tokens"))
-    cached = min(cached, prompt)
+    # Every settled OpenAI request reads this: the common case (non-negative ints, no
+    # cache or reasoning counts) is written out rather than a call per field.
+    prompt = u.get("prompt_tokens")
+    if type(prompt) is not int or prompt < 0:
+        prompt = _n(prompt)
+    output = u.get("completion_tokens")
+    if type(output) is not int or output < 0:
+        output = _n(output)
+    pd: Any = u.get("prompt_tokens_details")
+    details = pd if type(pd) is dict else _NO_DETAILS
+    hit = details["cached_tokens"] if "cached_tokens" in details else u.get("prompt_cache_hit_tokens")
+    cached = _n(hit) if hit else 0
+    if cached > prompt:
+        cached = prompt
     # Relays that front Anthropic report cache writes inside the prompt, as OpenAI
     # counts cached tokens: they are billed at the cache-write price, not as input.
-    written = min(_n(details.get("cache_write_tokens")), prompt - cached)
-    return Usage(
-        input=prompt - cached - written,
-        output=_n(u.get("completion_tokens")),
-        cache_read=cached,
-        cache_write=written,
-        reasoning=_n(_d(u.get("completion_tokens_details")).get("reasoning_tokens")),
-    )
+    w = details.get("cache_write_tokens")
+    written = _n(w) if w else 0
+    if written > prompt - cached:
+        written = prompt - cached
+    reasoning = 0
+    cd = u.get("completion_tokens_details")
+    if type(cd) is dict:
+        r = cd.get("reasoning_tokens")
+        if r:
+            reasoning = _n(r)
+    return Usage(prompt - cached - written, output, cached, written, reasoning)
+
+
+_NO_DETAILS: dict[str, Any] = {}  # read only
 
 
 def anthropic_usage(u: dict[str, Any]) -> Usage:

@@ -307,7 +307,7 @@ class Gateway:
                 except LookupError as exc:
                     raise E.ModelNotFound(str(exc))
                 call.multiplier = self.groups.multiplier.get(key.group, ONE)
-            attempt_plan = list(self._attempt_plan(model, channels, route))
+            attempt_plan = self._attempt_plan(model, channels, route)
             sent, bodies, max_out, max_in = admission.bounded_bodies(
                 self, req.body, mr, route, attempt_plan)
             if self.limiter is not None:
@@ -422,15 +422,19 @@ class Gateway:
             raise
         finally:
             self.in_flight -= 1
-            if self.checkpoints is not None:
+            if call.stream and self.checkpoints is not None:
                 self.checkpoints.discard(req.request_id)  # the settled row supersedes
             settle.settle(self, call)
 
     def _attempt_plan(self, model: str, channels: list[Channel],
-                      route: Route) -> Iterator[tuple[str, Channel]]:
+                      route: Route) -> list[tuple[str, Channel]]:
         """The requested model's channels, then each configured fallback model's."""
-        for c in channels:
-            yield model, c
+        plan = [(model, c) for c in channels]
+        if model in self._fallbacks:
+            plan.extend(self._fallback_plan(model, route))
+        return plan
+
+    def _fallback_plan(self, model: str, route: Route) -> Iterator[tuple[str, Channel]]:
         for fb in self._fallbacks.get(model, ()):
             for c in self.router.candidates(fb, False, route.protocol, route.name == "responses"):
                 yield fb, c

@@ -35,6 +35,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    120.0, 300.0)
 STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 MAX_MODELS = 200
+TOKEN_CLASSES = ("input", "output", "cache_read", "cache_write")
 
 
 class Histogram:
@@ -57,6 +58,7 @@ class Metrics:
         self.upstream_latency: dict[str, Histogram] = {}
         self.tokens: dict[tuple[str, str], int] = {}
         self.spend: dict[str, int] = {}
+        self._token_keys: dict[str, tuple[tuple[str, str], ...]] = {}  # model -> its token keys
         self.models: set[str] = set()
         self.snapshot_dir = snapshot_dir
         self.token = token.encode()
@@ -73,21 +75,36 @@ class Metrics:
                 model: str, usage: Any, cost: int) -> None:
         m = model if model in self.models else "other"
         k = (route.name, route.protocol_name, STATUS_CLASS.get(status // 100, "5xx"), m)
-        self.requests[k] = self.requests.get(k, 0) + 1
+        requests = self.requests
+        requests[k] = requests.get(k, 0) + 1
         h = self.latency.get(route.name)
         if h is None:
             h = self.latency[route.name] = Histogram()
             self.ttfb[route.name] = Histogram()
-        h.observe(latency)
+        # Histogram.observe, inlined (twice per request).
+        h.counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
+        h.sum += latency
         if ttfb >= 0:
-            self.ttfb[route.name].observe(ttfb)
+            h = self.ttfb[route.name]
+            h.counts[bisect_left(LATENCY_BUCKETS, ttfb)] += 1
+            h.sum += ttfb
         if usage is not None:
+            keys = self._token_keys.get(m)
+            if keys is None:
+                keys = self._token_keys[m] = tuple((m, cls) for cls in TOKEN_CLASSES)
             t = self.tokens
-            for cls, n in (("input", usage.input), ("output", usage.output),
-                           ("cache_read", usage.cache_read), ("cache_write", usage.cache_write)):
-                if n:
-                    tk = (m, cls)
-                    t[tk] = t.get(tk, 0) + n
+            n = usage.input
+            if n:
+                t[keys[0]] = t.get(keys[0], 0) + n
+            n = usage.output
+            if n:
+                t[keys[1]] = t.get(keys[1], 0) + n
+            n = usage.cache_read
+            if n:
+                t[keys[2]] = t.get(keys[2], 0) + n
+            n = usage.cache_write
+            if n:
+                t[keys[3]] = t.get(keys[3], 0) + n
         if cost:
             self.spend[m] = self.spend.get(m, 0) + cost
 

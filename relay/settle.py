@@ -40,8 +40,9 @@ _NO_USAGE = Usage()  # read only: the counts of a row with no usage
 
 def settle(gw: Gateway, call: ModelCall) -> None:
     """Price what `call` used, release its lease, count it, and record its row."""
-    req, route, key, body, model, stream = (call.req, call.route, call.key, call.body,
-                                            call.model, call.stream)
+    mr = call.mr
+    req, route, key, model, stream = call.req, call.route, call.key, call.model, call.stream
+    body = mr.body if mr is not None else None
     ex, channel, upstream_model, price = call.ex, call.channel, call.upstream_model, call.price
     multiplier, lease, error, t0 = call.multiplier, call.lease, call.error, call.t0
     now = gw.loop.time()
@@ -63,7 +64,9 @@ def settle(gw: Gateway, call: ModelCall) -> None:
             log.exception("usage estimate failed; recording output only")
             usage, source = Usage(output=max(1, ex.bytes_out // 4)), "estimated"
         if price is not None and usage is not None:
-            reserved = abs(lease.reserve) if lease is not None else None
+            reserved = None
+            if lease is not None:
+                reserved = lease.reserve if lease.reserve >= 0 else -lease.reserve
             cost, capped = settlement.charge(usage, price, multiplier, reserved)
             if capped:
                 source = "capped"
