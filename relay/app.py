@@ -371,7 +371,7 @@ class Gateway:
                     if stream:
                         credit = ex.credit = OutputCredit(
                             route.protocol_name, route.name, max_out if lease is not None else 0,
-                            call)
+                            (lease, call.price, call.multiplier) if lease is not None else None)
                         ex.next_check = credit.first_step()
                     path = route.upstream_path + _query(req)
                 else:

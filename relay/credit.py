@@ -38,10 +38,14 @@ and settlement caps them at the admission's reservation.
 
 from __future__ import annotations
 
-from typing import Any
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 from accounting.pricing import estimate_max_cost
 from relay.checkpoints import CALIBRATE_BYTES, OutputMeter
+
+if TYPE_CHECKING:
+    from relay.seams import Lease
 
 WINDOW = 64 * 1024  # at most this many stream bytes are held uncounted
 MIN_STEP = 1024
@@ -57,20 +61,23 @@ MAX_EXTENSIONS = 8
 class OutputCredit:
     """A native stream's output meter and the output it reserved (0: no limit)."""
 
-    __slots__ = ("base", "call", "cut", "extensions", "limit", "meter", "reserved")
+    __slots__ = ("base", "cut", "extensions", "limit", "meter", "reserved", "terms")
     # Set by the first grant (`extend`): the output the lease covers now, and the count
     # past which, with no further grant, the stream ends.
     reserved: int
     cut: int
 
-    def __init__(self, protocol: str, route: str, limit: int, call: Any = None) -> None:
+    def __init__(self, protocol: str, route: str, limit: int,
+                 terms: tuple[Lease, Any, Fraction] | None = None) -> None:
         self.meter = OutputMeter(protocol, route)
         # The reserved output plus slack for the extrapolation's error and tokenizers
         # that count a little differently from ours.
         self.limit = limit + limit // 4 + 64 if limit else 0
         # What an extension needs, read only when the credit runs out: the request's
-        # lease, price and multiplier (relay.call.ModelCall; None: never extended).
-        self.call = call
+        # lease, price and multiplier (None: never extended). Not the request's record
+        # (relay.call.ModelCall), which holds the exchange that holds this credit: that
+        # cycle left every stream to the cyclic garbage collector.
+        self.terms = terms
         self.base = limit  # the output admission reserved, in tokens
         self.extensions = 0
 
@@ -130,15 +137,14 @@ class OutputCredit:
         grants, each one to a few `Lease.extend` calls (halving a grant that did not
         fit). A refused stream still covered by its reservation runs to it first (a
         grant may fit by then, once another request has settled)."""
-        call = self.call
+        terms = self.terms
         n = self.meter.tokens
         if self.extensions:
             reserved, cut = self.reserved, self.cut
         else:
             reserved, cut = self.base, self.limit
-        lease = call.lease if call is not None else None
-        if lease is not None and self.extensions < MAX_EXTENSIONS:
-            price = call.price
+        if terms is not None and self.extensions < MAX_EXTENSIONS:
+            lease, price, multiplier = terms
             if price is not None and price.long_context is not None:
                 # Whether this request is in the long-context tier is known only from
                 # its usage: reserve at the tier's output price (never below the base).
@@ -148,7 +154,7 @@ class OutputCredit:
             while True:
                 # The output past the reservation so far, and a grant beyond it.
                 extra = covered + grant - reserved
-                nano = estimate_max_cost(0, extra, price, call.multiplier) if price is not None else 0
+                nano = estimate_max_cost(0, extra, price, multiplier) if price is not None else 0
                 if lease.extend(nano):
                     self.extensions += 1
                     self.reserved = self.cut = cut = covered + grant

@@ -315,3 +315,39 @@ async def test_a_fit_output_group_gets_the_affordable_bound_instead_of_402(pg_ds
             assert 0 <= await balance(h, user_id) < parse_usd("0.001")
     finally:
         await h.stop()
+
+
+# --- what a request leaves behind ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "model", "stream"), [
+    ("/v1/chat/completions", "gpt-4o-mini", False),
+    ("/v1/chat/completions", "gpt-4o-mini", True),
+    ("/v1/messages", "claude-sonnet-4-6", True),
+    ("/v1/chat/completions", "claude-sonnet-4-6", True),
+])
+async def test_a_request_leaves_no_reference_cycle(gw: Harness, http: aiohttp.ClientSession,
+                                                  path: str, model: str, stream: bool) -> None:
+    # A cycle through a request's record (call -> exchange -> credit -> call) left every
+    # stream for the cyclic collector, whose passes cost more than the stream's own path.
+    import gc
+
+    _, _, secret = await gw.user_and_key()
+    body = {"model": model, "max_tokens": 64, "messages": MSG, "stream": stream}
+    headers = {"x-api-key": secret} if path == "/v1/messages" else None
+    status, _, _ = await send(http, gw, path, body, secret, headers)  # warm: caches fill
+    assert status == 200
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            status, _, _ = await send(http, gw, path, body, secret, headers)
+            assert status == 200
+        await asyncio.sleep(0.05)
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage
+                       if type(o).__module__.startswith(("relay.", "accounting.", "limits."))})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []

@@ -307,11 +307,9 @@ class FakeLease:
         return True
 
 
-class FakeCall:
-    def __init__(self, lease: Any, price: Any) -> None:
-        self.lease = lease
-        self.price = price
-        self.multiplier = ONE
+def terms(lease: Any, price: Any) -> tuple[Any, Any, Any]:
+    """What a credit extends with: the lease, the price, the group multiplier."""
+    return (lease, price, ONE)
 
 
 def events(n: int) -> list[bytes]:
@@ -351,7 +349,7 @@ def test_without_a_lease_or_price_the_credit_cuts_as_before() -> None:
 
 def test_grants_are_halved_down_to_the_minimum_when_refused() -> None:
     lease = FakeLease(room=3000 * 1000)  # 1,000 nano-USD per output token: 3,000 tokens
-    credit = OutputCredit("anthropic", "messages", 4096, FakeCall(lease, price()))
+    credit = OutputCredit("anthropic", "messages", 4096, terms(lease, price()))
     _, cut = run(credit, 30_000, per=50)
     assert cut
     # The first count past the limit (about 5,200) asks for what passed the 4,096
@@ -367,7 +365,7 @@ def test_grants_are_halved_down_to_the_minimum_when_refused() -> None:
 
 def test_an_honest_stream_never_asks_for_more() -> None:
     lease = FakeLease(room=10**12)
-    credit = OutputCredit("anthropic", "messages", 2000, FakeCall(lease, price()))
+    credit = OutputCredit("anthropic", "messages", 2000, terms(lease, price()))
     _, cut = run(credit, 2000)
     assert not cut and lease.calls == [] and credit.extensions == 0
 
@@ -379,7 +377,7 @@ def test_a_long_context_price_extends_at_its_tier() -> None:
                       cache_write=0, long_context_threshold=1000,
                       long_context_output=3_000_000_000)
     lease = FakeLease(room=10**12)
-    credit = OutputCredit("anthropic", "messages", 300, FakeCall(lease, tiered))
+    credit = OutputCredit("anthropic", "messages", 300, terms(lease, tiered))
     run(credit, 2000, per=5)
     assert credit.extensions >= 1
     grant = lease.calls[0]
