@@ -107,12 +107,11 @@ def strict(raw: bytes) -> None:
 
 # What a body's top-level names ask of the scan, per route and tuple of names (clients
 # send the same few shapes), worked out once: each name quoted as it appears in the raw
-# bytes; the integer members with their upper limit and role (1: the bound the route's
-# protocol reads, 2: its choices, 0: neither); the other members whose type is checked;
-# the nested names counted under the parents present.
+# bytes, and the nested names counted under the parents present; the integer members
+# with their upper limit and role (1: the bound the route's protocol reads, 2: its
+# choices, 0: neither); the other members whose type is checked.
 _BOUND, _CHOICES = 1, 2
-_Shape = tuple[tuple[bytes, ...], tuple[tuple[str, int, int], ...], tuple[str, ...],
-               tuple[bytes, ...]]
+_Shape = tuple[tuple[bytes, ...], tuple[tuple[str, int, int], ...], tuple[str, ...]]
 _SHAPES: dict[tuple[str, tuple[str, ...]], _Shape] = {}
 # A key spelled with a \u escape ("max_\u0074okens") is the same key to a parser but
 # not to the byte scan: a body with one goes to the strict parser.
@@ -124,9 +123,9 @@ def _shape(route: str, names: tuple[str, ...]) -> _Shape:
     ints = tuple((n, MAX_CHOICES if n in ("n", "best_of") else MAX_BOUND,
                   _BOUND if n in bounds else _CHOICES if n in choices else 0)
                  for n in names if n in _INT_FIELDS)
-    shape = (tuple(_quoted(n) for n in names), ints,
-             tuple(n for n in names if n in _CHECKED and n not in _INT_FIELDS and n != "stream"),
-             tuple(q for parent, q in _NESTED if parent in names))
+    needles = tuple(_quoted(n) for n in names) + tuple(q for parent, q in _NESTED if parent in names)
+    shape = (needles, ints,
+             tuple(n for n in names if n in _CHECKED and n not in _INT_FIELDS and n != "stream"))
     if len(_SHAPES) < 4096 and sum(map(len, names)) < 1024:  # names come from clients
         _SHAPES[(route, names)] = shape
     return shape
@@ -145,20 +144,14 @@ def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
         shape = _shape(route, names)
     find = raw.find
     escaped = find(b"\\u") >= 0
-    # A duplicate shows its quoted name twice in the raw bytes.
-    count = raw.count
-    for q in shape[0]:
-        if count(q) > 1:
-            strict(raw)
-            break
-    else:
-        for q in shape[3]:
-            if count(q) > 1:
-                strict(raw)
-                break
-        else:
-            if escaped and _ESCAPED_KEY.search(raw) is not None:
-                strict(raw)
+    # A duplicate shows its quoted name twice in the raw bytes: every top-level name
+    # (and each nested name counted under its parent) shows exactly once, or the
+    # strict parser decides (a name spelled with escapes shows less often).
+    needles = shape[0]
+    if sum(map(raw.count, needles)) != len(needles):
+        strict(raw)
+    elif escaped and _ESCAPED_KEY.search(raw) is not None:
+        strict(raw)
     # The members the gateway reads, checked here once: the bound and choices the
     # route's protocol reads need no second look.
     bound, choices = 0, 1
