@@ -40,6 +40,7 @@ import asyncpg
 
 from accounting.money import (
     MAX_NANO,
+    MIN_NANO,
     check_nano,
     format_fraction,
     format_usd,
@@ -376,9 +377,10 @@ def estimate_max_cost(input_tokens: int, max_output: int, price: PriceRow, multi
         price = tier
     in_price = max(price.input, price.cache_read, price.cache_write)
     weighted = input_tokens * in_price + max_output * price.output
-    num = weighted * mn
-    den = TOKENS_PER_PRICE_UNIT * md
-    return check_nano(-((-num) // den), "reservation")
+    nano = -((-weighted * mn) // (TOKENS_PER_PRICE_UNIT * md))
+    if nano > MAX_NANO or nano < MIN_NANO:
+        check_nano(nano, "reservation")  # raises: out of range
+    return nano
 
 
 def _exact_usd(nano: Fraction) -> str:

@@ -319,6 +319,8 @@ class Lease:
     @property
     def headers(self) -> Headers:
         """Rate-limit headers (OpenAI naming) to attach to the successful response."""
+        if not (self.lim_r or self.lim_t):
+            return ()  # no RPM or TPM limit applies: nothing to say
         return tuple(
             _rate_headers(self.lim_r, self.rem_r, self.reset_r, self.lim_t, self.rem_t, self.reset_t)
         )
