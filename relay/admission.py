@@ -19,6 +19,7 @@ import orjson
 
 from accounting.money import format_usd
 from accounting.pricing import estimate_max_cost, tier_for
+from accounting.tokens import MEDIA_TOKENS
 from limits.admission import NEAR
 from relay import errors as E
 from relay.request import (
@@ -29,7 +30,6 @@ from relay.request import (
     bound_of,
     choices_of,
     inject_raw,
-    media_tokens,
     tight_input_tokens,
     upstream_bound,
 )
@@ -119,8 +119,8 @@ async def admit(gw: Gateway, call: ModelCall, raw: bytes, max_in: int, max_out: 
     # Upper bound of input tokens: a token is at least one byte of the body; media
     # parts (images, audio, files) cost tokens their bytes do not show.
     est_in = max_in
-    if call.mr is None or call.mr.media:
-        est_in += media_tokens(body)
+    if call.mr is not None and call.mr.media:
+        est_in += call.mr.media * MEDIA_TOKENS
     reserve = 0
     if price is not None:
         reserve = estimate_max_cost(est_in, max_out, price, multiplier)
@@ -174,7 +174,7 @@ async def fit_output(
         return None
     body = mr.body
     est_in, _ = await tight(gw, route, body, sent, mr.model,
-                            max_in + (media_tokens(body) if mr.media else 0), 0, price, multiplier)
+                            max_in + mr.media * MEDIA_TOKENS, 0, price, multiplier)
     # Solve at the prices this input is reserved at (the long-context tier above its
     # threshold): a per-token price from the base row would overshoot the room.
     price = tier_for(price, est_in)

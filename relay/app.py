@@ -415,6 +415,14 @@ class Gateway:
             call.error = exc
             if not conn.response_started and not conn.closed:
                 self._reply_error(conn, exc, protocol, rid_out)
+        except orjson.JSONEncodeError:
+            # A body the parser took holds an integer beyond 64 bits, which the body the
+            # gateway writes for an upstream (a translated one, a bound written in)
+            # cannot carry: the client's number, so the client's error.
+            bad = E.InvalidRequest("The request body holds an integer outside the 64-bit range")
+            call.error = bad
+            if not conn.response_started and not conn.closed:
+                self._reply_error(conn, bad, protocol, rid_out)
         except asyncio.CancelledError:
             call.error = _CLIENT_GONE
             if call.ex is not None:

@@ -80,6 +80,9 @@ def upstream_body(gw: Harness) -> dict[str, Any]:
     b'{"model": "claude-sonnet-4-6", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}',
     b'{"model": "gpt-4o-mini", "max_tokens": 100000, "max_tokens": 1, "messages": []}',
     b'{"model": "gpt-4o-mini", "messages": [], "stream": true, "stream_options": {"include_usage": true, "include_usage": false}}',
+    # Spelled with an escape, and nested: neither slips past.
+    b'{"model": "gpt-4o-mini", "max_\\u0074okens": 100000, "max_tokens": 1, "messages": []}',
+    b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a", "content": "b"}]}',
 ])
 async def test_duplicate_keys_are_refused(gw: Harness, http: aiohttp.ClientSession, raw: bytes) -> None:
     _, _, secret = await gw.user_and_key()
@@ -97,6 +100,25 @@ async def test_duplicate_keys_refused_on_the_anthropic_protocol(gw: Harness, htt
     status, obj, _ = await send(http, gw, "/v1/messages", raw, secret, {"x-api-key": secret})
     assert status == 400 and obj["type"] == "error"
     assert obj["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("path", "model", "expect"), [
+    ("/v1/chat/completions", "gpt-4o-mini", 200),  # native: the bytes go as sent
+    ("/v1/messages", "gpt-4o-mini", 400),  # translated: the gateway writes the body
+])
+async def test_an_integer_beyond_64_bits_is_never_a_500(gw: Harness, http: aiohttp.ClientSession,
+                                                       path: str, model: str, expect: int) -> None:
+    _, _, secret = await gw.user_and_key()
+    # A number the parser takes exactly (a Python int) but no JSON writer of 64-bit
+    # integers can write back: the native routes forward the bytes as sent; a route
+    # whose body the gateway writes refuses it as the client's error, never a 500.
+    raw = (b'{"model": "%s", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}],'
+           b' "temperature": 123456789012345678901234567890}' % model.encode())
+    status, obj, _ = await send(http, gw, path, raw, secret, {"x-api-key": secret})
+    assert status == expect, obj
+    if expect == 400:
+        assert obj["error"]["type"] == "invalid_request_error"
+        assert "64-bit" in obj["error"]["message"]
 
 
 async def test_a_key_name_inside_a_string_is_not_a_duplicate(gw: Harness, http: aiohttp.ClientSession) -> None:
