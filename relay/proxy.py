@@ -299,10 +299,19 @@ class Exchange:
         self._watchdog = self.loop.call_at(self._limits[0] + first_byte_timeout, self._check)
 
     def _rearm(self, now: float) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            start, _, idle, total = self._limits
-            self._watchdog = self.loop.call_at(min(now + idle, start + total), self._check)
+        """The first byte came: the watchdog now guards the idle and total limits. The
+        first-byte timer already set fires no later than that deadline unless the idle
+        limit is the shorter (a reasoning model's long first-byte limit): only then is
+        it replaced. Otherwise it stays, and `_check` re-arms from `last_activity` when
+        it fires (a request that ends first never touches a second timer)."""
+        wd = self._watchdog
+        if wd is not None:
+            start, first_byte_timeout, idle, total = self._limits
+            deadline = min(now + idle, start + total)
+            if start + first_byte_timeout <= deadline:
+                return
+            wd.cancel()
+            self._watchdog = self.loop.call_at(deadline, self._check)
 
     def _check(self) -> None:
         self._watchdog = None

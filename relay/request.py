@@ -143,7 +143,16 @@ def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
     media = 0
     for name in shape[2]:
         v = body[name]
-        if type(v) is list or type(v) is dict:
+        if type(v) is list:
+            for item in v:
+                if type(item) is dict:
+                    # The common message, a role and a text, has nothing to walk.
+                    if len(item) == 2 and "role" in item and type(item.get("content")) is str:
+                        continue
+                    media += media_parts(item)
+                elif type(item) is list:
+                    media += media_parts(item)
+        elif type(v) is dict:
             media += media_parts(v)
     return ModelRequest(body, m, stream is True and streamable, include, bound, choices, media)
 
