@@ -124,6 +124,9 @@ class Gateway:
         self.in_flight = 0
         up = cfg.upstream
         self._timeouts = (up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
+        self._reasoning_first_byte = up.first_byte_timeout_reasoning_s
+        self._max_attempts = max(1, up.max_attempts)
+        self._retry_deadline = up.retry_deadline_s
         self._reasoning = up.reasoning_models
         self._reasoning_cache: dict[str, bool] = {}
         # What relay.admission and relay.settle read of the configuration.
@@ -330,9 +333,9 @@ class Gateway:
                 mode = TAP if (mr.include_usage or not route.inject_usage) else WITHHOLD
             fb_timeout, idle_timeout, total_timeout = self._timeouts
             if self.is_reasoning(model):
-                fb_timeout = self.cfg.upstream.first_byte_timeout_reasoning_s
-            max_attempts = max(1, self.cfg.upstream.max_attempts)
-            deadline = call.t0 + self.cfg.upstream.retry_deadline_s
+                fb_timeout = self._reasoning_first_byte
+            max_attempts = self._max_attempts
+            deadline = call.t0 + self._retry_deadline
             answered = model  # the model whose channel answers (a fallback may)
             failed: set[str] = set()
             ex: Exchange | None = None
