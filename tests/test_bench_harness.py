@@ -188,3 +188,18 @@ def test_component_costs_give_the_gateway_cpu_per_request() -> None:
             run.Row("chat_c64", "tollway1", rps=900.0, cpu_ms=0.130),
             run.Row("chat_c64", "tollway1-noledger", rps=1000.0, cpu_ms=0.100)]
     assert run.component_costs(rows, ["chat_c64"]).rstrip().endswith("| +20.0 % |")
+
+
+def test_icount_measures_a_real_worker(pg_server_dsn: str) -> None:
+    # --plain: the same worker and client as under callgrind, CPU from /proc instead.
+    admin = pg_server_dsn.rsplit("/", 1)[0] + "/postgres"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.icount", "--plain", "--n", "64", "--warm", "16",
+         "--conc", "4"],
+        cwd=Path(run.__file__).resolve().parent.parent,
+        env={**os.environ, "TOLLWAY_BENCH_PG": admin}, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    line = out.stdout.decode().strip().splitlines()[-1]
+    fields = dict(f.split("=", 1) for f in line.split())
+    assert fields["n"] == "64" and float(fields["cpu_ms/request"]) > 0
+    assert int(fields["req/s"]) > 0
