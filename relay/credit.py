@@ -61,7 +61,8 @@ MAX_EXTENSIONS = 8
 class OutputCredit:
     """A native stream's output meter and the output it reserved (0: no limit)."""
 
-    __slots__ = ("base", "cut", "extensions", "limit", "meter", "reserved", "terms")
+    __slots__ = ("_meter", "_protocol", "_route", "base", "cut", "extensions", "limit",
+                 "reserved", "terms")
     # Set by the first grant (`extend`): the output the lease covers now, and the count
     # past which, with no further grant, the stream ends.
     reserved: int
@@ -69,7 +70,10 @@ class OutputCredit:
 
     def __init__(self, protocol: str, route: str, limit: int,
                  terms: tuple[Lease, Any, Fraction] | None = None) -> None:
-        self.meter = OutputMeter(protocol, route)
+        # The meter is made at the first count: most streams end before one.
+        self._meter: OutputMeter | None = None
+        self._protocol = protocol
+        self._route = route
         # The reserved output plus slack for the extrapolation's error and tokenizers
         # that count a little differently from ours.
         self.limit = limit + limit // 4 + 64 if limit else 0
@@ -82,8 +86,15 @@ class OutputCredit:
         self.extensions = 0
 
     @property
+    def meter(self) -> OutputMeter:
+        m = self._meter
+        if m is None:
+            m = self._meter = OutputMeter(self._protocol, self._route)
+        return m
+
+    @property
     def counted(self) -> int:
-        return self.meter.tokens
+        return self._meter.tokens if self._meter is not None else 0
 
     def first_step(self) -> int:
         """Bytes before the first count. A stream sends about 100 to 200 bytes a token
