@@ -52,13 +52,16 @@ class Histogram:
 
 class Metrics:
     def __init__(self, snapshot_dir: Path | None = None, token: str = "") -> None:
-        self.requests: dict[tuple[str, str, str, str], int] = {}
+        # Counted per request as plain lists under string keys (a tuple key is hashed on
+        # every update); `requests` and `tokens` give the labelled view at snapshot time.
+        # route name -> model -> requests per status class (index 1..5: 1xx..5xx)
+        self._requests: dict[str, dict[str, list[int]]] = {}
+        self._protocols: dict[str, str] = {}  # route name -> its protocol
+        self._tokens: dict[str, list[int]] = {}  # model -> tokens per class (TOKEN_CLASSES)
         self.latency: dict[str, Histogram] = {}
         self.ttfb: dict[str, Histogram] = {}
         self.upstream_latency: dict[str, Histogram] = {}
-        self.tokens: dict[tuple[str, str], int] = {}
         self.spend: dict[str, int] = {}
-        self._token_keys: dict[str, tuple[tuple[str, str], ...]] = {}  # model -> its token keys
         self.models: set[str] = set()
         self.snapshot_dir = snapshot_dir
         self.token = token.encode()
@@ -74,39 +77,55 @@ class Metrics:
     def request(self, route: Any, status: int, stream: bool, latency: float, ttfb: float,
                 model: str, usage: Any, cost: int) -> None:
         m = model if model in self.models else "other"
-        k = (route.name, route.protocol_name, STATUS_CLASS.get(status // 100, "5xx"), m)
-        requests = self.requests
-        requests[k] = requests.get(k, 0) + 1
-        h = self.latency.get(route.name)
+        name = route.name
+        by_model = self._requests.get(name)
+        if by_model is None:
+            by_model = self._requests[name] = {}
+            self._protocols[name] = route.protocol_name
+        cells = by_model.get(m)
+        if cells is None:
+            cells = by_model[m] = [0] * 6
+        i = status // 100
+        cells[i if 1 <= i <= 5 else 5] += 1
+        h = self.latency.get(name)
         if h is None:
-            h = self.latency[route.name] = Histogram()
-            self.ttfb[route.name] = Histogram()
+            h = self.latency[name] = Histogram()
+            self.ttfb[name] = Histogram()
         # Histogram.observe, inlined (twice per request).
         h.counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
         h.sum += latency
         if ttfb >= 0:
-            h = self.ttfb[route.name]
+            h = self.ttfb[name]
             h.counts[bisect_left(LATENCY_BUCKETS, ttfb)] += 1
             h.sum += ttfb
         if usage is not None:
-            keys = self._token_keys.get(m)
-            if keys is None:
-                keys = self._token_keys[m] = tuple((m, cls) for cls in TOKEN_CLASSES)
-            t = self.tokens
-            n = usage.input
-            if n:
-                t[keys[0]] = t.get(keys[0], 0) + n
-            n = usage.output
-            if n:
-                t[keys[1]] = t.get(keys[1], 0) + n
-            n = usage.cache_read
-            if n:
-                t[keys[2]] = t.get(keys[2], 0) + n
-            n = usage.cache_write
-            if n:
-                t[keys[3]] = t.get(keys[3], 0) + n
+            t = self._tokens.get(m)
+            if t is None:
+                t = self._tokens[m] = [0, 0, 0, 0]
+            t[0] += usage.input
+            t[1] += usage.output
+            t[2] += usage.cache_read
+            t[3] += usage.cache_write
         if cost:
             self.spend[m] = self.spend.get(m, 0) + cost
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str, str], int]:
+        """Requests by (route, protocol, status class, model)."""
+        out: dict[tuple[str, str, str, str], int] = {}
+        for name, by_model in self._requests.items():
+            protocol = self._protocols[name]
+            for m, cells in by_model.items():
+                for i in range(1, 6):
+                    if cells[i]:
+                        out[(name, protocol, STATUS_CLASS[i], m)] = cells[i]
+        return out
+
+    @property
+    def tokens(self) -> dict[tuple[str, str], int]:
+        """Tokens by (model, token class)."""
+        return {(m, cls): n for m, counts in self._tokens.items()
+                for cls, n in zip(TOKEN_CLASSES, counts, strict=True) if n}
 
     # --- snapshots and exposition -----------------------------------------------------
 
