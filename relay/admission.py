@@ -118,26 +118,61 @@ def translations(route: Route, mr: ModelRequest,
             out[plan] = translate_body(plan, mr.body, mr.model, mr.stream)
     return out
 
-async def admit(gw: Gateway, call: ModelCall, raw: bytes, max_in: int, max_out: int,
-                allowed: bool) -> Lease:
-    """A lease for `call` (the largest body an attempt may send costs `max_in` bytes of
-    input and `max_out` tokens of output), or the denial raised as a GatewayError."""
-    key, model, body, req = call.key, call.model, call.mr.body if call.mr else {}, call.req
-    price, multiplier, route = call.price, call.multiplier, call.route
+class Pending:
+    """An admission its first try did not settle (a refill, an exact count or a
+    denial to explain): what `admit` continues from."""
+
+    __slots__ = ("decision", "est_in", "reserve")
+
+    def __init__(self, decision: Any, est_in: int, reserve: int) -> None:
+        self.decision = decision
+        self.est_in = est_in
+        self.reserve = reserve
+
+
+def admit_now(gw: Gateway, call: ModelCall, max_in: int, max_out: int,
+              allowed: bool) -> Lease | Pending:
+    """The first try at admission, without awaiting: the lease, as nearly every request
+    gets it, or what `admit` continues from. (A coroutine per request cost more than
+    the check.) The largest body an attempt may send costs `max_in` bytes of input and
+    `max_out` tokens of output."""
+    mr, price = call.mr, call.price
     # Upper bound of input tokens: a token is at least one byte of the body; media
     # parts (images, audio, files) cost tokens their bytes do not show.
     est_in = max_in
-    if call.mr is not None and call.mr.media:
-        est_in += call.mr.media * MEDIA_TOKENS
-    reserve = 0
-    if price is not None:
-        reserve = estimate_max_cost(est_in, max_out, price, multiplier)
+    if mr is not None and mr.media:
+        est_in += mr.media * MEDIA_TOKENS
+    reserve = estimate_max_cost(est_in, max_out, price, call.multiplier) if price is not None else 0
+    limiter = gw.limiter
+    assert limiter is not None
+    decision = limiter.admit(call.key, call.model, est_in // 4 + max_out, reserve,
+                             call.req.client_ip, allowed, time.time(),
+                             NEAR_EXHAUSTION if reserve else 0)
+    if decision is not None and decision is not NEAR and hasattr(decision, "release"):
+        return decision
+    return Pending(decision, est_in, reserve)
+
+
+async def admit(gw: Gateway, call: ModelCall, raw: bytes, max_in: int, max_out: int,
+                allowed: bool, pending: Pending | None = None) -> Lease:
+    """A lease for `call`, or the denial raised as a GatewayError: `admit_now`, then
+    whatever it left (a refill awaited, the input counted exactly near exhaustion or
+    before refusing, the denial explained)."""
+    if pending is None:
+        first = admit_now(gw, call, max_in, max_out, allowed)
+        if not isinstance(first, Pending):
+            return first
+        pending = first
+    key, model, body, req = call.key, call.model, call.mr.body if call.mr else {}, call.req
+    price, multiplier, route = call.price, call.multiplier, call.route
+    decision, est_in, reserve = pending.decision, pending.est_in, pending.reserve
     limiter = gw.limiter
     assert limiter is not None
     counted_once = not reserve
-    for _ in range(4):
-        decision = limiter.admit(key, model, est_in // 4 + max_out, reserve, req.client_ip,
-                                 allowed, time.time(), 0 if counted_once else NEAR_EXHAUSTION)
+    for attempt in range(4):
+        if attempt:
+            decision = limiter.admit(key, model, est_in // 4 + max_out, reserve, req.client_ip,
+                                     allowed, time.time(), 0 if counted_once else NEAR_EXHAUSTION)
         if decision is None:
             await limiter.refill(key)
             continue
@@ -165,6 +200,7 @@ async def admit(gw: Gateway, call: ModelCall, raw: bytes, max_in: int, max_out: 
         raise E.from_code(decision.code, message, decision.status,
                           retry_after=decision.retry_after, headers=decision.headers)
     raise E.RateLimited("Rate limit state unavailable, retry shortly", retry_after=1)
+
 
 async def fit_output(
     gw: Gateway, call: ModelCall, sent: bytes, attempt_plan: list[tuple[str, Channel]],

@@ -291,7 +291,10 @@ class Gateway:
         protocol = route.protocol
         self.in_flight += 1
         try:
-            key = call.key = await self._authenticate(req)
+            key = self.authguard.known_key(self.keys, req)
+            if key is None:
+                key = await self._authenticate(req)
+            call.key = key
             mr = call.mr = parse_request(req.body, route.name, route.streamable)
             model = call.model = mr.model
             stream = call.stream = mr.stream
@@ -315,7 +318,10 @@ class Gateway:
                 self, req.body, mr, route, attempt_plan)
             if self.limiter is not None:
                 try:
-                    call.lease = await admission.admit(self, call, sent, max_in, max_out, allowed)
+                    got = admission.admit_now(self, call, max_in, max_out, allowed)
+                    if isinstance(got, admission.Pending):
+                        got = await admission.admit(self, call, sent, max_in, max_out, allowed, got)
+                    call.lease = got
                 except E.InsufficientQuota:
                     fitted = await admission.fit_output(self, call, sent, attempt_plan, max_in)
                     if fitted is None:

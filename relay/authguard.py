@@ -41,6 +41,13 @@ class AuthGuard:
         self.clock = clock
         self._failures: dict[str, list[float]] = {}  # address -> [window start, count]
 
+    @staticmethod
+    def known_key(keys: Any, req: Request) -> Any:
+        """The KeyState of a key already in the cache, else None (then `key`): the
+        common case without a coroutine."""
+        secret = extract_secret(req)
+        return keys.lookup(secret) if secret else None
+
     async def key(self, keys: Any, req: Request) -> Any:
         """The KeyState of the request's API key; InvalidKey or (failing too often) RateLimited."""
         secret = extract_secret(req)

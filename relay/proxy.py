@@ -362,19 +362,6 @@ def extract_secret(req: Request) -> bytes | None:
     return None
 
 
-MAX_OUTPUT_TOKENS = 1 << 31  # beyond any model's limit; larger values are malformed
-
-
-def max_output_tokens(body: dict[str, Any]) -> int:
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        v = body.get(name)
-        if type(v) is int and v > 0:
-            if v >= MAX_OUTPUT_TOKENS:
-                raise E.InvalidRequest(f"{name} is out of range")
-            return v
-    return 0
-
-
 def upstream_headers(req: Request, channel: Channel, translated: bool = False) -> list[tuple[bytes, bytes]]:
     # HeaderPolicy.filter, inlined: one comprehension on the request path.
     policy = channel.header_policy
