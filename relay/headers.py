@@ -12,7 +12,6 @@ in `forward_headers` (glob patterns). Pure: no I/O.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
 
 # The flags Claude Code sends with an API key; none changes what a request costs.
 DEFAULT_ANTHROPIC_BETAS = (
@@ -35,14 +34,19 @@ _ANTHROPIC = frozenset((b"anthropic-version", b"anthropic-dangerous-direct-brows
 
 
 class _Verdicts(dict[bytes, bool]):
-    """Header name -> passes; an unseen name is decided by the policy (and remembered,
-    up to a bound: names come from clients)."""
+    """Header name -> passes as it is, for one channel's native or translated requests;
+    an unseen name is decided here and remembered (up to a bound: names come from
+    clients). It holds what it decides from, not the policy: a back-reference would make
+    every policy a reference cycle (garbage only the cyclic collector frees)."""
 
-    __slots__ = ("_decide",)
+    __slots__ = ("_patterns", "_protocol", "_translated")
 
-    def __init__(self, decide: Callable[[bytes], bool]) -> None:
+    def __init__(self, protocol: frozenset[bytes], patterns: tuple[str, ...],
+                 translated: bool) -> None:
         super().__init__()
-        self._decide = decide
+        self._protocol = protocol
+        self._patterns = patterns
+        self._translated = translated
 
     def __missing__(self, name: bytes) -> bool:
         v = self._decide(name)
@@ -50,33 +54,33 @@ class _Verdicts(dict[bytes, bool]):
             self[name] = v
         return v
 
-
-class HeaderPolicy:
-    """Per channel: a verdict per header name, decided once (names are few and repeat),
-    so filtering a request's headers is one dict lookup each, in a list comprehension."""
-
-    __slots__ = ("_betas", "_patterns", "_protocol", "anthropic", "native", "translated")
-
-    def __init__(self, protocol: str, betas: tuple[str, ...], forward: tuple[str, ...]) -> None:
-        self.anthropic = protocol == "anthropic"  # betas are filtered on native requests
-        self._protocol = _ANTHROPIC if self.anthropic else _OPENAI
-        self._betas = frozenset(b.strip() for b in betas)
-        self._patterns = tuple(p.lower() for p in forward)
-        # Read directly by relay.proxy.upstream_headers, once per request.
-        self.native = _Verdicts(lambda name: self._verdict(name, False))
-        self.translated = _Verdicts(lambda name: self._verdict(name, True))
-
-    def _verdict(self, name: bytes, translated: bool) -> bool:
-        """Whether a header passes as it is. `anthropic-beta` never does: its flags are
-        filtered (`betas`), on a native Anthropic channel only."""
+    def _decide(self, name: bytes) -> bool:
+        """`anthropic-beta` never passes as it is: its flags are filtered
+        (HeaderPolicy.betas), on a native Anthropic channel only."""
         if name == b"anthropic-beta":
             return False
-        if translated and (name == b"content-type" or name in _ANTHROPIC or name in _OPENAI):
+        if self._translated and (name == b"content-type" or name in _ANTHROPIC or name in _OPENAI):
             return False  # the client's protocol headers stay behind; the body's type is ours
         if name in _COMMON or name in self._protocol or name.startswith(_SDK_PREFIX):
             return True
         return bool(self._patterns) and any(fnmatch.fnmatchcase(name.decode("latin-1"), p)
                                             for p in self._patterns)
+
+
+class HeaderPolicy:
+    """Per channel: a verdict per header name, decided once (names are few and repeat),
+    so filtering a request's headers is one dict lookup each, in a list comprehension."""
+
+    __slots__ = ("_betas", "anthropic", "native", "translated")
+
+    def __init__(self, protocol: str, betas: tuple[str, ...], forward: tuple[str, ...]) -> None:
+        self.anthropic = protocol == "anthropic"  # betas are filtered on native requests
+        names = _ANTHROPIC if self.anthropic else _OPENAI
+        patterns = tuple(p.lower() for p in forward)
+        self._betas = frozenset(b.strip() for b in betas)
+        # Read directly by relay.proxy.upstream_headers, once per request.
+        self.native = _Verdicts(names, patterns, False)
+        self.translated = _Verdicts(names, patterns, True)
 
     def allows(self, name: bytes) -> bool:
         return self.native[name]
