@@ -286,8 +286,9 @@ def _terms(multiplier: Fraction) -> tuple[int, int]:
         return last[1], last[2]
     if type(multiplier) is not Fraction:
         raise TypeError(f"multiplier: expected a Fraction, got {type(multiplier).__name__} {multiplier!r}")
-    _last_terms = (multiplier, multiplier.numerator, multiplier.denominator)
-    return _last_terms[1], _last_terms[2]
+    mn, md = multiplier.numerator, multiplier.denominator
+    _last_terms = (multiplier, mn, md)
+    return mn, md
 
 
 def tier_for(price: PriceRow, input_tokens: int) -> PriceRow:

@@ -84,12 +84,7 @@ def bounded_bodies(
             raw = inject_raw(raw, name, per_choice)
     max_out = per_choice * mr.choices
     max_in = len(raw)
-    bodies: dict[Plan, dict[str, Any]] = _NONE
-    protocol = route.protocol
-    for _, ch in attempt_plan:
-        if ch.protocol_id != protocol or ch.chat_only:  # a channel may need a translation
-            bodies = translations(route, mr, attempt_plan)
-            break
+    bodies = translations(route, mr, attempt_plan)
     for plan, out in bodies.items():
         up_route = "messages" if plan.upstream_protocol == "anthropic" else "chat"
         bound = upstream_bound(up_route, out)
@@ -100,9 +95,6 @@ def bounded_bodies(
         max_out = max(max_out, bound)
         max_in = max(max_in, len(orjson.dumps(out)))
     return raw, bodies, max_out, max_in
-
-_NONE: dict[Any, Any] = {}  # read only: no translated bodies
-
 
 def translations(route: Route, mr: ModelRequest,
                  attempt_plan: list[tuple[str, Channel]]) -> dict[Plan, dict[str, Any]]:

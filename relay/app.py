@@ -420,18 +420,15 @@ class Gateway:
                 raise ex.error or E.UpstreamError("Upstream failed")
             # Started: a mid-stream failure (or None). Aborted: the client left.
             call.error = ex.error
-        except GatewayError as exc:
-            call.error = exc
+        except (GatewayError, orjson.JSONEncodeError) as caught:
+            # JSONEncodeError: a body the parser took holds an integer beyond 64 bits,
+            # which a body the gateway writes for an upstream (a translated one, a bound
+            # written in) cannot carry: the client's number, so the client's error.
+            failure = caught if isinstance(caught, GatewayError) else E.InvalidRequest(
+                "The request body holds an integer outside the 64-bit range")
+            call.error = failure
             if not conn.response_started and not conn.closed:
-                self._reply_error(conn, exc, protocol, rid_out)
-        except orjson.JSONEncodeError:
-            # A body the parser took holds an integer beyond 64 bits, which the body the
-            # gateway writes for an upstream (a translated one, a bound written in)
-            # cannot carry: the client's number, so the client's error.
-            bad = E.InvalidRequest("The request body holds an integer outside the 64-bit range")
-            call.error = bad
-            if not conn.response_started and not conn.closed:
-                self._reply_error(conn, bad, protocol, rid_out)
+                self._reply_error(conn, failure, protocol, rid_out)
         except asyncio.CancelledError:
             call.error = _CLIENT_GONE
             if call.ex is not None:

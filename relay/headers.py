@@ -78,7 +78,6 @@ class HeaderPolicy:
         names = _ANTHROPIC if self.anthropic else _OPENAI
         patterns = tuple(p.lower() for p in forward)
         self._betas = frozenset(b.strip() for b in betas)
-        # Read directly by relay.proxy.upstream_headers, once per request.
         self.native = _Verdicts(names, patterns, False)
         self.translated = _Verdicts(names, patterns, True)
 

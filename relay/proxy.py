@@ -363,12 +363,7 @@ def extract_secret(req: Request) -> bytes | None:
 
 
 def upstream_headers(req: Request, channel: Channel, translated: bool = False) -> list[tuple[bytes, bytes]]:
-    # HeaderPolicy.filter, inlined: one comprehension on the request path.
-    policy = channel.header_policy
-    verdicts = policy.translated if translated else policy.native
-    out = [h for h in req.headers if verdicts[h[0]]]
-    if policy.anthropic and not translated:
-        policy.add_betas(req.headers, out)
+    out = channel.header_policy.filter(req.headers, translated)
     if translated:
         out.append(JSON_CT)
         if channel.protocol == "anthropic":

@@ -51,8 +51,8 @@ CHOICE_FIELDS = {
 _INT_FIELDS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of"))
 # Every member whose type the gateway checks (relay.request._check).
 _CHECKED = _INT_FIELDS | {"stream", "stream_options", "thinking", "reasoning_effort", "reasoning"}
-# Nested names whose duplication would change what an upstream produces or charges,
-# under the top-level member that holds them.
+
+
 class ModelRequest:
     """What the gateway read from a body, checked once: the model, stream mode, and the
     output bound per choice and the choices the client's own protocol reads (0 and 1
@@ -132,27 +132,14 @@ def parse(raw: bytes, route: str, streamable: bool) -> ModelRequest:
     if stream:
         so = body.get("stream_options")
         include = type(so) is dict and so.get("include_usage") is True
-    if bound and route == "messages":  # without max_tokens the budget bounds nothing
-        th = body.get("thinking")
-        if type(th) is dict:
-            budget = th.get("budget_tokens")
-            if type(budget) is int and budget > bound:
-                bound = budget
+    if bound and route == "messages":
+        bound = _with_thinking(body, bound)
     # Media parts (images, audio, files) cost tokens their bytes do not show. Counted
     # in the parsed members (escapes already decoded), not by a scan of the bytes.
     media = 0
     for name in shape[2]:
         v = body[name]
-        if type(v) is list:
-            for item in v:
-                if type(item) is dict:
-                    # The common message, a role and a text, has nothing to walk.
-                    if len(item) == 2 and "role" in item and type(item.get("content")) is str:
-                        continue
-                    media += media_parts(item)
-                elif type(item) is list:
-                    media += media_parts(item)
-        elif type(v) is dict:
+        if type(v) is list or type(v) is dict:
             media += media_parts(v)
     return ModelRequest(body, m, stream is True and streamable, include, bound, choices, media)
 
@@ -237,12 +224,19 @@ def bound_of(route: str, body: dict[str, Any]) -> int:
                 raise E.InvalidRequest(f"{name} must be a positive integer")
             if v > bound:
                 bound = v
-    if route == "messages" and bound:  # without max_tokens the budget bounds nothing
-        th = body.get("thinking")
-        if type(th) is dict:
-            budget = _int(th, "budget_tokens")
-            if budget > bound:
-                bound = budget
+    if route == "messages" and bound:
+        bound = _with_thinking(body, bound)
+    return bound
+
+
+def _with_thinking(body: dict[str, Any], bound: int) -> int:
+    """An Anthropic bound raised to the thinking budget, when that is larger (without
+    max_tokens the budget bounds nothing: callers pass a bound already found)."""
+    th = body.get("thinking")
+    if type(th) is dict:
+        budget = _int(th, "budget_tokens")
+        if budget > bound:
+            return budget
     return bound
 
 
@@ -298,6 +292,9 @@ def media_parts(value: dict[str, Any] | list[Any]) -> int:
     n = 0
     for v in (value,) if type(value) is dict else value:
         if type(v) is dict:
+            # The common message, a role and a text, has nothing to walk.
+            if len(v) == 2 and type(v.get("content")) is str and type(v.get("role")) is str:
+                continue
             kind = v.get("type")
             if type(kind) is str and kind in _MEDIA_TYPES:
                 n += 1

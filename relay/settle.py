@@ -64,9 +64,7 @@ def settle(gw: Gateway, call: ModelCall) -> None:
             log.exception("usage estimate failed; recording output only")
             usage, source = Usage(output=max(1, ex.bytes_out // 4)), "estimated"
         if price is not None and usage is not None:
-            reserved = None
-            if lease is not None:
-                reserved = lease.reserve if lease.reserve >= 0 else -lease.reserve
+            reserved = abs(lease.reserve) if lease is not None else None
             cost, capped = settlement.charge(usage, price, multiplier, reserved)
             if capped:
                 source = "capped"
